@@ -3,9 +3,11 @@
 Over the 10,033 bundled Wikipedia summaries (all-MiniLM-L6-v2, flat index, cached under ``searchrl.assets.cache_dir()``
 by :func:`searchrl.retriever.index.ensure_wiki_index`), with FanOutQA dev sub-questions as queries, it prints:
 
-1. **tuning**: query encoding with 1 vs 2 torch threads, FAISS flat search with 1 vs 2 OpenMP threads, and FAISS's
-   SIMD scan vs BLAS per batch size (what the service's ``--torch-threads``, ``--faiss-threads`` and
-   ``--blas-min-batch`` defaults rest on);
+1. **tuning**: query encoding of random FanOutQA batches in float32 as one padded call (sentence-transformers as
+   is), in length buckets, and packed without padding, the same in bfloat16 (CPUs with native bf16), packed and split
+   over 2 single-threaded workers, and packed in one call with 2 torch threads; FAISS flat search with 1 vs 2 OpenMP
+   threads, and FAISS's SIMD scan vs BLAS per batch size (what the service's ``--query-dtype``, ``--torch-threads``,
+   ``--faiss-threads`` and ``--blas-min-batch`` defaults rest on);
 2. **throughput/latency**: queries/s and p50/p99 request latency at batch 1 and 32 and at 1, 8 and 32 concurrent
    closed-loop clients, for (a) the service over gRPC, (b) its HTTP ``/retrieve``, (c) the model + index called
    in-process with no service (concurrent clients = threads calling it directly, as a blocking thread-pool server
@@ -52,6 +54,7 @@ class Cell:
     p99_ms: float
     requests: int
     mean_batch: float = float("nan")  # queries per server micro-batch (service modes)
+    busy: float = float("nan")  # share of wall time the server's worker spent encoding/searching/looking up
 
 
 def _pct(lat: list[float], q: float) -> float:
@@ -147,7 +150,7 @@ def tuning(loaded, queries: list[str], reps: int) -> list[str]:  # noqa: ANN001 
 
     from searchrl.retriever.index import set_blas_min_batch, set_faiss_threads
 
-    sizes = (1, 4, 8, 32)
+    sizes = (1, 4, 8, 16, 32)
     lines = ["", "== tuning (median ms per call)", f"{'what':<34}" + "".join(f"{f'batch {b}':>10}" for b in sizes)]
     enc = loaded.encoder
 
@@ -160,12 +163,50 @@ def tuning(loaded, queries: list[str], reps: int) -> list[str]:  # noqa: ANN001 
             ts.append(time.perf_counter() - s)
         return statistics.median(ts) * 1000
 
+    # Encoding: random batches of FanOutQA queries (natural length spread), the same batches for every row.
+    from searchrl.retriever.embed import Encoder
+
+    rng = np.random.default_rng(0)
+    samples = {
+        b: [[queries[i] for i in rng.choice(len(queries), b, replace=False)] for _ in range(reps)] for b in sizes
+    }
+
+    def med_batches(encoder: Encoder, b: int) -> float:
+        encoder.encode_queries(samples[b][0])
+        ts = []
+        for qs in samples[b]:
+            s = time.perf_counter()
+            encoder.encode_queries(qs)
+            ts.append(time.perf_counter() - s)
+        return statistics.median(ts) * 1000
+
+    fp32 = Encoder(enc.name, query_dtype="float32", torch_threads=torch.get_num_threads())
+    two = Encoder(enc.name, query_dtype=enc.query_dtype, torch_threads=1, encode_workers=2, min_split=2)
     saved_torch = torch.get_num_threads()
-    for th in (1, 2):
+    # (label, encoder, packing pooling or None, bucket overhead tokens, torch threads, split over the workers)
+    variants: list[tuple[str, Encoder, str | None, float, int, bool]] = [
+        ("encode fp32, one padded call", fp32, None, 0.0, 1, False),
+        ("encode fp32, length buckets", fp32, None, fp32.bucket_overhead_tokens, 1, False),
+    ]
+    if fp32._pooling is not None:
+        variants.append(("encode fp32, packed", fp32, fp32._pooling, 0.0, 1, False))
+    if enc.query_dtype != "float32":
+        variants.append((f"encode {enc.query_dtype}, length buckets", enc, None, enc.bucket_overhead_tokens, 1, False))
+    if enc._pooling is not None:
+        variants.append((f"encode {enc.query_dtype}, packed", enc, enc._pooling, 0.0, 1, False))
+        variants.append(("  same, split over 2 workers", two, two._pooling, 0.0, 1, True))
+    variants.append(("  same, one call with 2 threads", enc, enc._pooling, enc.bucket_overhead_tokens, 2, False))
+    for label, encoder, pooling, overhead, th, split in variants:
         torch.set_num_threads(th)
-        row = [med(lambda b=b: enc.encode_queries(queries[:b])) for b in sizes]
-        lines.append(f"{f'encode, torch threads={th}':<34}" + "".join(f"{v:>10.2f}" for v in row))
+        keep = (encoder._pooling, encoder.bucket_overhead_tokens, encoder.split_chooser.choose)
+        encoder._pooling, encoder.bucket_overhead_tokens = pooling, overhead
+        encoder.split_chooser.choose = lambda n, split=split: split  # type: ignore[method-assign]
+        row = [med_batches(encoder, b) for b in sizes]
+        encoder._pooling, encoder.bucket_overhead_tokens, encoder.split_chooser.choose = keep  # type: ignore[method-assign]
+        lines.append(f"{label:<34}" + "".join(f"{v:>10.2f}" for v in row))
     torch.set_num_threads(saved_torch)
+    two.close()
+    del fp32, two
     vecs = enc.encode_queries(queries[:64])
     for th in (1, 2):
         set_faiss_threads(th)
@@ -255,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--rounds",
         type=int,
-        default=2,
+        default=3,
         help="interleave the cells in this many rounds, so load changes hit all modes alike",
     )
     ap.add_argument("--batches", default="1,32", help="queries per request")
@@ -268,6 +309,10 @@ def main(argv: list[str] | None = None) -> int:
         "--torch-threads", type=int, default=1, help="server and in-process torch threads (0: one per core)"
     )
     ap.add_argument("--faiss-threads", type=int, default=1)
+    ap.add_argument("--query-dtype", default="auto", help="server and in-process query dtype (auto|float32|bfloat16)")
+    ap.add_argument(
+        "--encode-workers", type=int, default=0, help="server and in-process encode worker threads (0: one per core)"
+    )
     ap.add_argument("--skip-tuning", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--tuning-reps", type=int, default=10)
@@ -286,11 +331,18 @@ def main(argv: list[str] | None = None) -> int:
     index_dir = Path(args.index_dir) if args.index_dir else ensure_wiki_index("flat")
     set_torch_threads(args.torch_threads)
     set_faiss_threads(args.faiss_threads)
-    loaded = load_index(index_dir, use_gpu=False)
-    set_blas_min_batch(8, loaded.dimension)
+    loaded = load_index(index_dir, use_gpu=False, query_dtype=args.query_dtype, encode_workers=args.encode_workers)
+    set_blas_min_batch(12, loaded.dimension)
     queries = _queries()
+    # This process holds the in-process model too: keep its ~500k start-up objects out of the garbage collector's full
+    # passes, as the services do (searchrl.services.runtime.freeze_startup_objects), or client-side GC pauses of
+    # 100+ ms land in the service columns' p99.
+    from searchrl.services.runtime import freeze_startup_objects
+
+    freeze_startup_objects()
     print(
-        f"index {index_dir}: {loaded.size:,} passages, {loaded.manifest.embedding_model}, d={loaded.dimension}; "
+        f"index {index_dir}: {loaded.size:,} passages, {loaded.manifest.embedding_model}, d={loaded.dimension}, "
+        f"queries in {loaded.encoder.query_dtype}; "
         f"{len(queries)} distinct FanOutQA queries; {os.cpu_count()} CPUs; load avg {os.getloadavg()[0]:.1f}"
     )
     lines: list[str] = []
@@ -303,15 +355,16 @@ def main(argv: list[str] | None = None) -> int:
 
     batch_stats: dict[tuple[str, int, int], list[float]] = {}
 
-    def scrape_batches(metrics_port: int) -> tuple[float, float]:
-        """(sum, count) of the server's searchrl_retriever_batch_size histogram."""
+    def scrape_batches(metrics_port: int) -> tuple[float, float, float]:
+        """(sum, count) of the server's searchrl_retriever_batch_size histogram, and the seconds its worker spent in
+        the encode/search/lookup stages (searchrl_retriever_stage_seconds)."""
         import urllib.request
 
         from prometheus_client.parser import text_string_to_metric_families
 
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as r:
             text = r.read().decode()
-        out = {"sum": 0.0, "count": 0.0}
+        out = {"sum": 0.0, "count": 0.0, "stages": 0.0}
         for fam in text_string_to_metric_families(text):
             if fam.name == "searchrl_retriever_batch_size":
                 for smp in fam.samples:
@@ -319,7 +372,9 @@ def main(argv: list[str] | None = None) -> int:
                         out["sum"] = smp.value
                     elif smp.name.endswith("_count"):
                         out["count"] = smp.value
-        return out["sum"], out["count"]
+            elif fam.name == "searchrl_retriever_stage_seconds":
+                out["stages"] += sum(smp.value for smp in fam.samples if smp.name.endswith("_sum"))
+        return out["sum"], out["count"], out["stages"]
 
     def add(key: tuple[str, int, int], res: tuple[list[float], int, float]) -> None:
         lat, n, wall = acc.get(key, ([], 0, 0.0))
@@ -341,12 +396,15 @@ def main(argv: list[str] | None = None) -> int:
     keys = [(m, b, c) for m in ("inproc", "grpc", "http") if m in modes for b in batches for c in concs]
     print(
         f"\n{len(keys)} cells x {args.rounds} interleaved rounds of {slice_s:.1f} s "
-        "(3x for large-batch single-client cells: few requests per second, and they carry the 15% target)",
+        "(3x for large-batch single-client cells: few requests per second, and they carry the 15% target; 2x for the "
+        "single-query cells with 1 and 8 clients, which carry the concurrency targets)",
         flush=True,
     )
 
     def slice_for(b: int, c: int) -> float:
-        return slice_s * (3 if b >= 32 and c == 1 else 1)
+        if b >= 32 and c == 1:
+            return slice_s * 3
+        return slice_s * (2 if b == 1 and c in (1, 8) else 1)
 
     async def run_all(proc: object | None, http_port: int) -> None:
         client = session = None
@@ -362,35 +420,36 @@ def main(argv: list[str] | None = None) -> int:
             for rnd in range(args.rounds):
                 for key in keys:
                     mode, b, c = key
-                    before = scrape_batches(proc.metrics_port) if proc is not None and mode != "inproc" else None  # type: ignore[attr-defined]
                     if mode == "inproc":
                         res = await asyncio.to_thread(
                             closed_loop_threads, c, slice_for(b, c), lambda b=b: inproc_call(b), rnd == 0
                         )
-                    elif mode == "grpc":
-
-                        async def call(b: int = b) -> int:
-                            await client.search_results(src.take(b), args.top_k, skip_cache=True)  # type: ignore[union-attr]
-                            return b
-
-                        res = await closed_loop_async(c, slice_for(b, c), call, rnd == 0)
                     else:
+                        if mode == "grpc":
 
-                        async def call(b: int = b) -> int:
-                            body = {"queries": src.take(b), "topk": args.top_k, "return_scores": True}
-                            async with session.post(url, json=body) as r:  # type: ignore[union-attr]
-                                await r.read()
-                                if r.status != 200:
-                                    raise RuntimeError(await r.text())
-                            return b
+                            async def call(b: int = b) -> int:
+                                await client.search_results(src.take(b), args.top_k, skip_cache=True)  # type: ignore[union-attr]
+                                return b
 
-                        res = await closed_loop_async(c, slice_for(b, c), call, rnd == 0)
-                    add(key, res)
-                    if before is not None:
+                        else:
+
+                            async def call(b: int = b) -> int:
+                                body = {"queries": src.take(b), "topk": args.top_k, "return_scores": True}
+                                async with session.post(url, json=body) as r:  # type: ignore[union-attr]
+                                    await r.read()
+                                    if r.status != 200:
+                                        raise RuntimeError(await r.text())
+                                return b
+
+                        if rnd == 0:  # warm-up round (connections, first batches), outside the server counters
+                            await asyncio.gather(*(call() for _ in range(c)))
+                        before = scrape_batches(proc.metrics_port)  # type: ignore[attr-defined]
+                        res = await closed_loop_async(c, slice_for(b, c), call)
                         after = scrape_batches(proc.metrics_port)  # type: ignore[attr-defined]
-                        st = batch_stats.setdefault(key, [0.0, 0.0])
-                        st[0] += after[0] - before[0]
-                        st[1] += after[1] - before[1]
+                        st = batch_stats.setdefault(key, [0.0, 0.0, 0.0])
+                        for j in range(3):
+                            st[j] += after[j] - before[j]
+                    add(key, res)
                 print(f"  round {rnd + 1}/{args.rounds} done (load avg {os.getloadavg()[0]:.1f})", flush=True)
         finally:
             if client is not None:
@@ -411,6 +470,10 @@ def main(argv: list[str] | None = None) -> int:
             str(args.torch_threads),
             "--faiss-threads",
             str(args.faiss_threads),
+            "--query-dtype",
+            args.query_dtype,
+            "--encode-workers",
+            str(args.encode_workers),
         ]
         if args.micro_batch_wait_ms is not None:
             srv_args += ["--micro-batch-wait-ms", str(args.micro_batch_wait_ms)]
@@ -431,7 +494,17 @@ def main(argv: list[str] | None = None) -> int:
     else:
         asyncio.run(run_all(None, 0))
     cells = [
-        Cell(m, b, c, n / wall, _pct(lat, 50), _pct(lat, 99), len(lat), _ratio(batch_stats.get((m, b, c))))
+        Cell(
+            m,
+            b,
+            c,
+            n / wall,
+            _pct(lat, 50),
+            _pct(lat, 99),
+            len(lat),
+            _ratio(batch_stats.get((m, b, c))),
+            batch_stats[(m, b, c)][2] / wall if (m, b, c) in batch_stats else float("nan"),
+        )
         for (m, b, c), (lat, n, wall) in acc.items()
     ]
 
@@ -440,15 +513,16 @@ def main(argv: list[str] | None = None) -> int:
     lines += [
         "",
         f"== throughput and latency ({args.duration:.0f} s per cell, closed-loop clients, top-k {args.top_k}; "
-        "server batch = mean queries per micro-batch)",
+        "server batch = mean queries per micro-batch; worker busy = share of the time the server's worker thread "
+        "spent encoding, searching and looking passages up)",
     ]
     lines.append(
-        f"{'mode':<8}{'batch':>6}{'clients':>8}{'queries/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'p99/p50':>8}{'requests':>9}"
+        f"{'mode':<8}{'batch':>6}{'clients':>8}{'queries/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'p99/p50':>8}{'requests':>9}{'server batch':>13}{'worker busy':>12}"
     )
     for c in cells:
         lines.append(
             f"{c.mode:<8}{c.batch:>6}{c.clients:>8}{c.qps:>11.1f}{c.p50_ms:>9.1f}{c.p99_ms:>9.1f}{c.p99_ms / c.p50_ms:>8.2f}{c.requests:>9}"
-            + ("" if c.mean_batch != c.mean_batch else f"{c.mean_batch:>13.1f}")
+            + ("" if c.mean_batch != c.mean_batch else f"{c.mean_batch:>13.1f}{c.busy * 100:>11.0f}%")
         )
 
     def ratio(a: tuple[str, int, int], b: tuple[str, int, int], f: Callable[[Cell, Cell], float]) -> float | None:

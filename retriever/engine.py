@@ -309,4 +309,5 @@ class RetrievalEngine:
             index_type=m.index_type,
             corpus_checksum=m.corpus_checksum,
             on_gpu=self.index.on_gpu,
+            query_dtype=self.index.encoder.query_dtype,
         )

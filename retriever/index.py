@@ -637,6 +637,8 @@ def load_index(
     ef_search: int = 0,
     mmap: bool = False,
     torch_threads: int = 0,
+    query_dtype: str = "auto",
+    encode_workers: int = 1,
 ) -> LoadedIndex:
     """Loads an index directory written by :func:`build_index`, checking it against its manifest and the model.
 
@@ -649,6 +651,8 @@ def load_index(
         ef_search: HNSW ``efSearch`` (0: the manifest's value).
         mmap: map the index file instead of reading it (flat/IVF; saves RAM when several processes share a host).
         torch_threads: torch intra-op threads for the encoder.
+        query_dtype: query encoding dtype of a new encoder (:func:`~searchrl.retriever.embed.resolve_query_dtype`).
+        encode_workers: threads a new encoder may split a query batch over (``<= 0``: one per core).
 
     Raises:
         FailedPrecondition: missing/invalid manifest, corrupt index file, model name differs from the manifest,
@@ -674,7 +678,12 @@ def load_index(
     if int(index.ntotal) != store.size or store.size != manifest.size:
         raise FailedPrecondition(f"{d}: index has {index.ntotal} vectors, store {store.size}, manifest {manifest.size}")
     if encoder is None:
-        encoder = Encoder(embedding_model or manifest.embedding_model, torch_threads=torch_threads)
+        encoder = Encoder(
+            embedding_model or manifest.embedding_model,
+            torch_threads=torch_threads,
+            query_dtype=query_dtype,
+            encode_workers=encode_workers,
+        )
     elif not same_model(encoder.name, manifest.embedding_model):
         raise FailedPrecondition(f"{d}: index was built with {manifest.embedding_model!r}, encoder is {encoder.name!r}")
     _check_dimension(index, encoder, str(d))
@@ -735,6 +744,8 @@ def load_raw_index(
     ef_search: int = 0,
     mmap: bool = False,
     torch_threads: int = 0,
+    query_dtype: str = "auto",
+    encode_workers: int = 1,
 ) -> LoadedIndex:
     """Loads an existing Search-R1/FlashRAG index unchanged: a raw FAISS file, its jsonl corpus and the model name.
 
@@ -760,7 +771,9 @@ def load_raw_index(
             f"{index_path} holds {index.ntotal} vectors but {corpus_path} has {store.size} passages"
         )
     if encoder is None:
-        encoder = Encoder(embedding_model, torch_threads=torch_threads)
+        encoder = Encoder(
+            embedding_model, torch_threads=torch_threads, query_dtype=query_dtype, encode_workers=encode_workers
+        )
     _check_dimension(index, encoder, str(index_path))
     manifest = IndexManifest(
         embedding_model=canonical_model_name(embedding_model),

@@ -68,8 +68,16 @@ class RetrieverConfig(ServerConfig):
         1,
         help="Torch intra-op threads for query encoding (0: one per core). One avoids OpenMP thrashing on small or shared CPUs (benchmarks/retrieval_bench.py).",
     )
+    query_dtype: str = field(
+        "auto",
+        help="Query encoding dtype: auto (bfloat16 on CPUs with native bf16, float16 on GPU, else float32), float32, bfloat16, float16 (GPU).",
+    )
+    encode_workers: int = field(
+        0,
+        help="Threads a micro-batch's query encoding may be split over, one torch thread each (0: one per core); the encoder measures whether splitting pays under the current load.",
+    )
     faiss_threads: int = field(1, help="FAISS OpenMP threads (0: one per core).")
-    blas_min_batch: int = field(8, help="Exact search uses BLAS sgemm from this many queries per batch on.")
+    blas_min_batch: int = field(12, help="Exact search uses BLAS sgemm from this many queries per batch on.")
     filter_overfetch: int = field(10, help="With a titles filter, search top_k times this many candidates.")
     in_process_cache: bool = field(False, help="Without --redis-url, cache results in this process (LRU).")
 
@@ -84,6 +92,8 @@ def _load(config: RetrieverConfig):  # noqa: ANN202 - LoadedIndex, imported lazi
         "ef_search": config.ef_search,
         "mmap": config.mmap_index,
         "torch_threads": config.torch_threads,
+        "query_dtype": config.query_dtype,
+        "encode_workers": config.encode_workers,
     }
     if config.index_path:
         if config.index_dir:
@@ -156,12 +166,13 @@ async def build_engine(config: RetrieverConfig):  # noqa: ANN201 - RetrievalEngi
     # Warm-up: the first forward pass allocates and picks kernels; do it before reporting SERVING.
     await engine.search(["warm-up query"], 1, skip_cache=True, api="")
     log.info(
-        "index %s: %d passages, dim %d, type %s, model %s, gpu=%s",
+        "index %s: %d passages, dim %d, type %s, model %s (queries in %s), gpu=%s",
         loaded.manifest.corpus or config.index_dir,
         loaded.size,
         loaded.dimension,
         loaded.manifest.index_type,
         loaded.manifest.embedding_model,
+        loaded.encoder.query_dtype,
         loaded.on_gpu,
     )
     return engine

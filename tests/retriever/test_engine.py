@@ -127,6 +127,7 @@ async def test_grpc_status_codes_and_server_keeps_serving(flat_index) -> None:  
                 "flat",
             )
             assert info.corpus_checksum == flat_index.manifest.corpus_checksum and not info.on_gpu
+            assert info.query_dtype == flat_index.encoder.query_dtype and info.query_dtype in ("float32", "bfloat16")
     finally:
         await server.stop(0)
         await eng.close()

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from searchrl.rollout.v1 import rollout_pb2 as searchrl_dot_rollout_dot_v1_dot_rollout__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%searchrl/retrieval/v1/retrieval.proto\x12\x15searchrl.retrieval.v1\x1a!searchrl/rollout/v1/rollout.proto\"4\n\rSearchFilters\x12\x0e\n\x06titles\x18\x01 \x03(\t\x12\x13\n\x0b\x65xclude_ids\x18\x02 \x03(\t\"z\n\rSearchRequest\x12\x0f\n\x07queries\x18\x01 \x03(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x35\n\x07\x66ilters\x18\x03 \x01(\x0b\x32$.searchrl.retrieval.v1.SearchFilters\x12\x12\n\nskip_cache\x18\x04 \x01(\x08\"a\n\x0bQueryResult\x12\r\n\x05query\x18\x01 \x01(\t\x12\x30\n\tdocuments\x18\x02 \x03(\x0b\x32\x1d.searchrl.rollout.v1.Document\x12\x11\n\tcache_hit\x18\x03 \x01(\x08\"E\n\x0eSearchResponse\x12\x33\n\x07results\x18\x01 \x03(\x0b\x32\".searchrl.retrieval.v1.QueryResult\"\x15\n\x13GetIndexInfoRequest\"\x8d\x01\n\x14GetIndexInfoResponse\x12\x17\n\x0f\x65mbedding_model\x18\x01 \x01(\t\x12\x11\n\tdimension\x18\x02 \x01(\x05\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x12\n\nindex_type\x18\x04 \x01(\t\x12\x17\n\x0f\x63orpus_checksum\x18\x05 \x01(\t\x12\x0e\n\x06on_gpu\x18\x06 \x01(\x08\x32\xd2\x01\n\x10RetrievalService\x12U\n\x06Search\x12$.searchrl.retrieval.v1.SearchRequest\x1a%.searchrl.retrieval.v1.SearchResponse\x12g\n\x0cGetIndexInfo\x12*.searchrl.retrieval.v1.GetIndexInfoRequest\x1a+.searchrl.retrieval.v1.GetIndexInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%searchrl/retrieval/v1/retrieval.proto\x12\x15searchrl.retrieval.v1\x1a!searchrl/rollout/v1/rollout.proto\"4\n\rSearchFilters\x12\x0e\n\x06titles\x18\x01 \x03(\t\x12\x13\n\x0b\x65xclude_ids\x18\x02 \x03(\t\"z\n\rSearchRequest\x12\x0f\n\x07queries\x18\x01 \x03(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x35\n\x07\x66ilters\x18\x03 \x01(\x0b\x32$.searchrl.retrieval.v1.SearchFilters\x12\x12\n\nskip_cache\x18\x04 \x01(\x08\"a\n\x0bQueryResult\x12\r\n\x05query\x18\x01 \x01(\t\x12\x30\n\tdocuments\x18\x02 \x03(\x0b\x32\x1d.searchrl.rollout.v1.Document\x12\x11\n\tcache_hit\x18\x03 \x01(\x08\"E\n\x0eSearchResponse\x12\x33\n\x07results\x18\x01 \x03(\x0b\x32\".searchrl.retrieval.v1.QueryResult\"\x15\n\x13GetIndexInfoRequest\"\xa2\x01\n\x14GetIndexInfoResponse\x12\x17\n\x0f\x65mbedding_model\x18\x01 \x01(\t\x12\x11\n\tdimension\x18\x02 \x01(\x05\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x12\n\nindex_type\x18\x04 \x01(\t\x12\x17\n\x0f\x63orpus_checksum\x18\x05 \x01(\t\x12\x0e\n\x06on_gpu\x18\x06 \x01(\x08\x12\x13\n\x0bquery_dtype\x18\x07 \x01(\t2\xd2\x01\n\x10RetrievalService\x12U\n\x06Search\x12$.searchrl.retrieval.v1.SearchRequest\x1a%.searchrl.retrieval.v1.SearchResponse\x12g\n\x0cGetIndexInfo\x12*.searchrl.retrieval.v1.GetIndexInfoRequest\x1a+.searchrl.retrieval.v1.GetIndexInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,7 +43,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETINDEXINFOREQUEST']._serialized_start=447
   _globals['_GETINDEXINFOREQUEST']._serialized_end=468
   _globals['_GETINDEXINFORESPONSE']._serialized_start=471
-  _globals['_GETINDEXINFORESPONSE']._serialized_end=612
-  _globals['_RETRIEVALSERVICE']._serialized_start=615
-  _globals['_RETRIEVALSERVICE']._serialized_end=825
+  _globals['_GETINDEXINFORESPONSE']._serialized_end=633
+  _globals['_RETRIEVALSERVICE']._serialized_start=636
+  _globals['_RETRIEVALSERVICE']._serialized_end=846
 # @@protoc_insertion_point(module_scope)

@@ -172,6 +172,7 @@ class GetIndexInfoResponse(_message.Message):
     INDEX_TYPE_FIELD_NUMBER: _builtins.int
     CORPUS_CHECKSUM_FIELD_NUMBER: _builtins.int
     ON_GPU_FIELD_NUMBER: _builtins.int
+    QUERY_DTYPE_FIELD_NUMBER: _builtins.int
     embedding_model: _builtins.str
     """Name or path of the embedding model the index was built with."""
     dimension: _builtins.int
@@ -184,6 +185,8 @@ class GetIndexInfoResponse(_message.Message):
     """Checksum of the corpus the index was built from (from the manifest)."""
     on_gpu: _builtins.bool
     """True when the index lives on GPU."""
+    query_dtype: _builtins.str
+    """Dtype queries are encoded in: "float32", "bfloat16" (CPUs with native bf16) or "float16" (GPU)."""
     def __init__(
         self,
         *,
@@ -193,10 +196,11 @@ class GetIndexInfoResponse(_message.Message):
         index_type: _builtins.str = ...,
         corpus_checksum: _builtins.str = ...,
         on_gpu: _builtins.bool = ...,
+        query_dtype: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["corpus_checksum", b"corpus_checksum", "dimension", b"dimension", "embedding_model", b"embedding_model", "index_type", b"index_type", "on_gpu", b"on_gpu", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["corpus_checksum", b"corpus_checksum", "dimension", b"dimension", "embedding_model", b"embedding_model", "index_type", b"index_type", "on_gpu", b"on_gpu", "query_dtype", b"query_dtype", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
