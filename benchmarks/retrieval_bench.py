@@ -4,8 +4,8 @@ Over the 10,033 bundled Wikipedia summaries (all-MiniLM-L6-v2, flat index, cache
 by :func:`searchrl.retriever.index.ensure_wiki_index`), with FanOutQA dev sub-questions as queries, it prints:
 
 1. **tuning**: query encoding of random FanOutQA batches in float32 as one padded call (sentence-transformers as
-   is), in length buckets, and packed without padding, the same in bfloat16 (CPUs with native bf16), packed and split
-   over 2 single-threaded workers, and packed in one call with 2 torch threads; FAISS flat search with 1 vs 2 OpenMP
+   is), in length buckets, packed without padding, packed and split over 2 single-threaded workers, and packed in one
+   call with 2 torch threads; the same in bfloat16 on CPUs with native bf16; FAISS flat search with 1 vs 2 OpenMP
    threads, and FAISS's SIMD scan vs BLAS per batch size (what the service's ``--query-dtype``, ``--torch-threads``,
    ``--faiss-threads`` and ``--blas-min-batch`` defaults rest on);
 2. **throughput/latency**: queries/s and p50/p99 request latency at batch 1 and 32 and at 1, 8 and 32 concurrent
@@ -180,22 +180,24 @@ def tuning(loaded, queries: list[str], reps: int) -> list[str]:  # noqa: ANN001 
             ts.append(time.perf_counter() - s)
         return statistics.median(ts) * 1000
 
-    fp32 = Encoder(enc.name, query_dtype="float32", torch_threads=torch.get_num_threads())
-    two = Encoder(enc.name, query_dtype=enc.query_dtype, torch_threads=1, encode_workers=2, min_split=2)
+    from searchrl.retriever.embed import cpu_has_native_bf16
+
     saved_torch = torch.get_num_threads()
     # (label, encoder, packing pooling or None, bucket overhead tokens, torch threads, split over the workers)
-    variants: list[tuple[str, Encoder, str | None, float, int, bool]] = [
-        ("encode fp32, one padded call", fp32, None, 0.0, 1, False),
-        ("encode fp32, length buckets", fp32, None, fp32.bucket_overhead_tokens, 1, False),
-    ]
-    if fp32._pooling is not None:
-        variants.append(("encode fp32, packed", fp32, fp32._pooling, 0.0, 1, False))
-    if enc.query_dtype != "float32":
-        variants.append((f"encode {enc.query_dtype}, length buckets", enc, None, enc.bucket_overhead_tokens, 1, False))
-    if enc._pooling is not None:
-        variants.append((f"encode {enc.query_dtype}, packed", enc, enc._pooling, 0.0, 1, False))
-        variants.append(("  same, split over 2 workers", two, two._pooling, 0.0, 1, True))
-    variants.append(("  same, one call with 2 threads", enc, enc._pooling, enc.bucket_overhead_tokens, 2, False))
+    variants: list[tuple[str, Encoder, str | None, float, int, bool]] = []
+    made: list[Encoder] = []
+    for dtype in ("float32", "bfloat16") if cpu_has_native_bf16() else ("float32",):
+        one = Encoder(enc.name, query_dtype=dtype, torch_threads=1)
+        two = Encoder(enc.name, query_dtype=dtype, torch_threads=1, encode_workers=2, min_split=2)
+        made += [one, two]
+        short = "fp32" if dtype == "float32" else "bf16"
+        if dtype == "float32":
+            variants.append((f"encode {short}, one padded call", one, None, 0.0, 1, False))
+        variants.append((f"encode {short}, length buckets", one, None, one.bucket_overhead_tokens, 1, False))
+        if one._pooling is not None:
+            variants.append((f"encode {short}, packed", one, one._pooling, 0.0, 1, False))
+            variants.append(("  same, split over 2 workers", two, two._pooling, 0.0, 1, True))
+            variants.append(("  same, one call with 2 threads", one, one._pooling, 0.0, 2, False))
     for label, encoder, pooling, overhead, th, split in variants:
         torch.set_num_threads(th)
         keep = (encoder._pooling, encoder.bucket_overhead_tokens, encoder.split_chooser.choose)
@@ -205,8 +207,9 @@ def tuning(loaded, queries: list[str], reps: int) -> list[str]:  # noqa: ANN001 
         encoder._pooling, encoder.bucket_overhead_tokens, encoder.split_chooser.choose = keep  # type: ignore[method-assign]
         lines.append(f"{label:<34}" + "".join(f"{v:>10.2f}" for v in row))
     torch.set_num_threads(saved_torch)
-    two.close()
-    del fp32, two
+    for e in made:
+        e.close()
+    del made
     vecs = enc.encode_queries(queries[:64])
     for th in (1, 2):
         set_faiss_threads(th)

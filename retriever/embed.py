@@ -28,11 +28,12 @@ Four CPU measures make query encoding fast under rollout load (figures: ``benchm
   splits a batch into length-sorted chunks, trading the padding against the fixed cost of a forward pass
   (``bucket_overhead_tokens``, measured on MiniLM with one core: about 8 ms of fixed cost against 0.3 ms per token in
   float32, 0.15 ms in bfloat16).
-* **bfloat16 queries** on CPUs with native bf16 (AVX512-BF16 or AMX): about 2x faster at batch 8-32. Passages (index
-  builds) stay float32; against a float32 index the bf16 query vectors keep 99% of float32's top-10 (measured on
-  FanOutQA queries over the bundled Wikipedia index), as the fp16 queries of the GPU path do.
-* **Splitting** a packed batch over single-threaded worker threads (``encode_workers``), one per core: 1.4-1.9x
-  faster at 8-32 queries on an idle 2-core machine, with none of the OpenMP barrier stalls that two threads inside
+* **bfloat16 queries**, opt-in (``query_dtype="bfloat16"``), on CPUs with native bf16 (AVX512-BF16 or AMX): about
+  1.5x faster at batch 8-32. Passages (index builds) stay float32; against a float32 index the bf16 query vectors
+  keep 99% of float32's top-10 (measured on FanOutQA queries over the bundled Wikipedia index), as the fp16 queries
+  of the GPU path do. Not the default: see :func:`resolve_query_dtype` for the reproducibility it costs.
+* **Splitting** a packed batch over single-threaded worker threads (``encode_workers``), one per core: 1.2-1.3x
+  (float32) and 1.4-1.9x (bfloat16) faster at 8-32 queries on an idle 2-core machine, with none of the OpenMP barrier stalls that two threads inside
   one forward pass suffer when another process holds a core. :class:`SplitChooser` keeps measuring both ways and
   splits only while it pays.
 """
@@ -130,8 +131,11 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_query_dtype(query_dtype: str, device: str, fp16: bool) -> str:
-    """The dtype queries are encoded in: ``"auto"`` is float16 on CUDA (when ``fp16``), bfloat16 on CPUs with native
-    bf16, float32 otherwise.
+    """The dtype queries are encoded in: ``"auto"`` is float16 on CUDA (when ``fp16``) and float32 on CPU.
+
+    bfloat16 on CPU is an opt-in: about 1.5x faster on CPUs with native bf16, but a query's vector then depends on
+    which other queries share its micro-batch at the 1e-3 level (float32: 1e-7), enough to reorder near-tied passages,
+    so runs stop being reproducible (a resumed training run would see other documents than the uninterrupted one).
 
     Raises:
         InvalidRequest: unknown dtype name, or float16 asked for on CPU (slow and inexact there).
@@ -142,7 +146,7 @@ def resolve_query_dtype(query_dtype: str, device: str, fp16: bool) -> str:
     if query_dtype == "auto":
         if on_gpu:
             return "float16" if fp16 else "float32"
-        return "bfloat16" if cpu_has_native_bf16() else "float32"
+        return "float32"
     if query_dtype == "float16" and not on_gpu:
         raise InvalidRequest("float16 query encoding needs a GPU; use bfloat16 or float32 on CPU")
     return query_dtype
@@ -302,7 +306,7 @@ def split_by_tokens(lengths: Sequence[int], parts: int) -> list[tuple[int, int]]
 class SplitChooser:
     """Decides, per batch, whether to encode in one thread or split over the encode worker threads, by measurement.
 
-    Splitting a micro-batch over two single-threaded workers was 1.6-1.7x faster at 8-32 queries on an idle 2-core
+    Splitting a micro-batch over two single-threaded workers was 1.2-1.9x faster at 8-32 queries on an idle 2-core
     machine, and up to 1.5x slower at 4-8 queries when another process kept one core busy (the halves then share a
     core). So the encoder measures both: per batch-size class (``n.bit_length()``) it keeps an exponentially weighted
     mean of seconds per token for each way, uses the faster, and re-tries the other every ``explore_every``-th batch
@@ -365,8 +369,8 @@ class Encoder:
         max_length: token limit per text (``None``: the model's own ``max_seq_length``).
         torch_threads: intra-op threads for CPU inference (``<= 0``: torch's default).
         family: force the prefix family (``"e5"``, ``"bge"``, ``"plain"``) when the name does not reveal it.
-        query_dtype: dtype of query encoding, see :func:`resolve_query_dtype` (``"auto"``: bfloat16 on CPUs with
-            native bf16). Passages are always encoded in the model's dtype (float32 on CPU).
+        query_dtype: dtype of query encoding, see :func:`resolve_query_dtype` (``"auto"``: float16 on GPU, float32 on
+            CPU). Passages are always encoded in the model's dtype (float32 on CPU).
         encode_workers: threads a packed query batch may be split over (CPU; each runs one torch thread); ``<= 0``:
             one per available core, at most 8. :class:`SplitChooser` decides per batch whether splitting pays.
         min_split: smallest batch (texts) that may be split.

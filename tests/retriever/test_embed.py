@@ -116,7 +116,8 @@ def test_length_buckets_split_an_outlier_and_keep_uniform_batches_whole() -> Non
 def test_query_dtype_resolution() -> None:
     assert resolve_query_dtype("auto", "cuda:0", fp16=True) == "float16"
     assert resolve_query_dtype("auto", "cuda", fp16=False) == "float32"
-    assert resolve_query_dtype("auto", "cpu", fp16=True) == ("bfloat16" if cpu_has_native_bf16() else "float32")
+    assert resolve_query_dtype("auto", "cpu", fp16=True) == "float32"  # reproducible by default
+    assert resolve_query_dtype("bfloat16", "cpu", fp16=True) == "bfloat16"
     assert resolve_query_dtype("float32", "cpu", fp16=True) == "float32"
     with pytest.raises(InvalidRequest, match="unknown query dtype 'int8'"):
         resolve_query_dtype("int8", "cpu", fp16=True)
@@ -153,10 +154,10 @@ def test_bucketed_batches_return_rows_in_input_order(encoder) -> None:  # noqa: 
 def test_bfloat16_queries_rank_like_float32(encoder) -> None:  # noqa: ANN001
     from searchrl.retriever.embed import Encoder
 
-    fp32 = Encoder("all-minilm-l6-v2", query_dtype="float32")
-    assert encoder.query_dtype == "bfloat16" and fp32.query_dtype == "float32"
+    bf16 = Encoder("all-minilm-l6-v2", query_dtype="bfloat16")
+    assert bf16.query_dtype == "bfloat16" and encoder.query_dtype == "float32"
     queries = ["Who painted the Mona Lisa?", "capital city of Japan", "largest desert on Earth", "speed of light"]
-    a, b = encoder.encode_queries(queries), fp32.encode_queries(queries)
+    a, b = bf16.encode_queries(queries), encoder.encode_queries(queries)
     assert a.dtype == np.float32 and (np.sum(a * b, axis=1) > 0.995).all()
     passages = encoder.encode_passages(
         ["Leonardo da Vinci painted the Mona Lisa.", "Tokyo is the capital of Japan.", "The Sahara is a desert."]
@@ -195,7 +196,7 @@ def test_encoder_packs_queries_on_cpu(encoder) -> None:  # noqa: ANN001
     from searchrl.retriever.embed import Encoder
 
     fp32 = Encoder("all-minilm-l6-v2", query_dtype="float32")
-    assert fp32._pooling == "mean" and encoder._pooling == "mean"
+    assert fp32._pooling == "mean" and encoder._pooling == "mean" and encoder.query_dtype == "float32"
     queries = ["capital of Japan", "who wrote On the Origin of Species", "boiling point of water at sea level"]
     padded = fp32._encode(queries, "", 8, False, fp32.model)  # sentence-transformers' own padded batch
     assert np.abs(fp32.encode_queries(queries) - padded).max() < 1e-5

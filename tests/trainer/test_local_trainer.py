@@ -50,6 +50,10 @@ BASE_OVERRIDES = [
 ]
 # Metrics that must be equal between an uninterrupted and a resumed run (timings are not).
 COMPARED_PREFIXES = ("reward/", "rollout/", "actor/", "guard/", "train/")
+# The policy engine batches rows continuously as searches return, so which rows share a forward pass depends on
+# timing; the log-probs it reports then differ from the trainer's recomputation at the 1e-7 level per token. Episodes
+# (per-row seeds), rewards, advantages, loss and KL are exact; this diagnostic is only bounded.
+TIMING_DEPENDENT = {"actor/rollout_logprob_gap"}
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +197,9 @@ def test_stop_after_step_two_then_resume_matches(
     got = {k: v for k, v in resumed.history[0].items() if k.startswith(COMPARED_PREFIXES)}
     assert got.keys() == expected.keys()
     for key, value in expected.items():
+        if key in TIMING_DEPENDENT:  # same tokens, float rounding of whichever rows the engine batched together
+            assert abs(got[key]) < 1e-4 and abs(value) < 1e-4, key
+            continue
         assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
     # The same MLflow run continues, now with steps 1-3.
     client = MlflowClient(tracking_uri=resumed.tracking_uri)
