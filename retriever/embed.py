@@ -227,21 +227,16 @@ def tokenize(model: Any, texts: Sequence[str]) -> list[list[int]]:
 
 
 def encode_packed(
-    model: Any,
-    texts: Sequence[str] | None,
-    pooling: str,
-    max_tokens: int = PACK_MAX_TOKENS,
-    token_ids: Sequence[Sequence[int]] | None = None,
+    model: Any, token_ids: Sequence[Sequence[int]], pooling: str, max_tokens: int = PACK_MAX_TOKENS
 ) -> np.ndarray:
-    """Embeds texts with no padding: packs of consecutive texts run as one sequence (see the module docstring).
+    """Embeds tokenized texts with no padding: packs of consecutive texts run as one sequence (see the module
+    docstring). Touches no tokenizer, so several threads may run it at once on the same model.
 
     Args:
         model: a ``SentenceTransformer`` for which :func:`packing_plan` returned ``pooling``.
-        texts: N texts, prefixes already applied (or ``None`` with ``token_ids``).
+        token_ids: N texts (prefixes applied) tokenized by :func:`tokenize`.
         pooling: ``"mean"`` or ``"cls"``.
         max_tokens: tokens per pack; a longer single text runs alone.
-        token_ids: the texts already tokenized by :func:`tokenize` (this function then touches no tokenizer and may
-            run in several threads at once).
 
     Returns:
         float32 array ``(N, dimension)``, unit L2 norm per row, equal to the padded ``model.encode`` up to float
@@ -249,7 +244,7 @@ def encode_packed(
     """
     import torch
 
-    ids = token_ids if token_ids is not None else tokenize(model, texts or [])
+    ids = token_ids
     lengths = [len(x) for x in ids]
     bert = model[0].auto_model
     device = bert.device
@@ -481,14 +476,8 @@ class Encoder:
 
     def token_lengths(self, texts: Sequence[str], prefix: str = "") -> list[int]:
         """Token counts of ``prefix + text`` as the model sees them (special tokens included, truncated)."""
-        tok = self.model.tokenizer
-        enc = tok(
-            [prefix + t for t in texts],
-            add_special_tokens=True,
-            truncation=True,
-            max_length=self.model.max_seq_length,
-        )
-        return [len(ids) for ids in enc["input_ids"]]
+        with self._lock:
+            return [len(ids) for ids in tokenize(self.model, [prefix + t for t in texts])]
 
     def encode_queries(self, queries: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """Embeds queries with the query prefix.
@@ -528,7 +517,7 @@ class Encoder:
 
         def part(start: int, end: int) -> np.ndarray:
             with torch.inference_mode():
-                return encode_packed(self._query_model, None, self._pooling or "mean", token_ids=ids[start:end])
+                return encode_packed(self._query_model, ids[start:end], self._pooling or "mean")
 
         if not split:
             out = part(0, n)

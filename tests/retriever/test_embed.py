@@ -20,6 +20,7 @@ from searchrl.retriever.embed import (
     resolve_query_dtype,
     same_model,
     split_by_tokens,
+    tokenize,
 )
 
 
@@ -186,8 +187,9 @@ def test_packed_encoding_equals_padded_encoding(pooling: str) -> None:
     import torch
 
     with torch.inference_mode():
-        one_pack = encode_packed(st, texts, pooling)
-        many_packs = encode_packed(st, texts, pooling, max_tokens=20)  # one or two texts per pack
+        ids = tokenize(st, texts)
+        one_pack = encode_packed(st, ids, pooling)
+        many_packs = encode_packed(st, ids, pooling, max_tokens=20)  # one or two texts per pack
     assert np.abs(one_pack - padded).max() < 1e-5 and np.abs(many_packs - padded).max() < 1e-5
     assert packing_plan(SentenceTransformer(modules=[Transformer(path), Pooling(384, "max")], device="cpu")) is None
 
