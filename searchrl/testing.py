@@ -29,15 +29,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_health(target: str, service: str = "", timeout_s: float = 120.0, proc: subprocess.Popen[bytes] | None = None) -> None:
-    """Polls ``grpc.health.v1.Health/Check`` until SERVING.
+def wait_for_health(
+    target: str,
+    service: str = "",
+    timeout_s: float = 120.0,
+    proc: subprocess.Popen[bytes] | None = None,
+    root_ca: bytes | None = None,
+) -> None:
+    """Polls ``grpc.health.v1.Health/Check`` until SERVING (over TLS trusting ``root_ca`` when given).
 
     Raises:
         RuntimeError: ``proc`` exited before becoming healthy (its output is in the message when captured).
         TimeoutError: not SERVING within ``timeout_s``.
     """
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as ch:
+    channel = (
+        grpc.secure_channel(target, grpc.ssl_channel_credentials(root_ca))
+        if root_ca is not None
+        else grpc.insecure_channel(target)
+    )
+    with channel as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while time.monotonic() < deadline:
             if proc is not None and proc.poll() is not None:
@@ -60,20 +71,41 @@ class ServiceProcess:
         args: extra CLI flags.
         env: extra environment variables.
         timeout_s: deadline for the health check.
+        root_ca: PEM CA of the server certificate when the service runs with TLS (health is checked over TLS).
     """
 
-    def __init__(self, service: str, args: Sequence[str] = (), env: dict[str, str] | None = None, timeout_s: float = 180.0) -> None:
+    def __init__(
+        self,
+        service: str,
+        args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+        timeout_s: float = 180.0,
+        root_ca: bytes | None = None,
+    ) -> None:
         self.service = service
         self.port = free_port()
         self.metrics_port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.log_path = Path(tempfile.mkstemp(prefix=f"searchrl-{service}-", suffix=".log")[1])
-        cmd = [sys.executable, "-m", "searchrl", "serve", service, "--grpc-port", str(self.port), "--metrics-port", str(self.metrics_port), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "searchrl",
+            "serve",
+            service,
+            "--grpc-port",
+            str(self.port),
+            "--metrics-port",
+            str(self.metrics_port),
+            *args,
+        ]
         full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
+        )
         try:
-            wait_for_health(self.target, timeout_s=timeout_s, proc=self.proc)
+            wait_for_health(self.target, timeout_s=timeout_s, proc=self.proc, root_ca=root_ca)
         except Exception as exc:
             self.stop()
             raise RuntimeError(f"{service} did not start: {exc}\n--- log ---\n{self.output()[-4000:]}") from exc
@@ -142,3 +174,49 @@ def redis_server() -> Iterator[str]:
         finally:
             proc.terminate()
             proc.wait(10)
+
+
+def self_signed_certificate(folder: Path, hosts: Sequence[str] = ("localhost", "127.0.0.1")) -> tuple[Path, Path]:
+    """Writes ``tls.crt`` and ``tls.key`` (PEM) of a self-signed CA certificate valid for ``hosts`` into ``folder``.
+
+    The certificate is its own CA, so clients trust it with ``root_ca=tls.crt`` (``SEARCHRL_TLS_CA_FILE``). Names that
+    parse as IP addresses become IP SANs, the others DNS SANs. Valid from 5 minutes ago for one day.
+
+    Returns:
+        ``(certificate path, key path)``.
+    """
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    sans: list[x509.GeneralName] = []
+    for h in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            sans.append(x509.DNSName(h))
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tls.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "tls.key").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return folder / "tls.crt", folder / "tls.key"

@@ -147,6 +147,10 @@ class AgentLoopConfig:
         search_timeout_s: deadline of one search, in seconds; a timeout gives an error observation.
         max_query_chars: longer queries get an error observation instead of a search.
         max_doc_chars: each document's text is cut to this many characters (0: no limit).
+        max_observation_chars: the whole search result (all documents) is cut to this many characters, as verl's
+            ``ToolAgentLoop`` cuts tool responses (``rollout.multi_turn.max_tool_response_length``; 0: no limit).
+        truncate_side: which part of a too-long search result is kept: ``"left"`` keeps the end, ``"right"`` the
+            start, ``"middle"`` both ends (verl's ``tool_response_truncate_side``).
         max_prompt_tokens: prompts longer than this are rejected (0: only the model's context window applies).
     """
 
@@ -162,6 +166,8 @@ class AgentLoopConfig:
     search_timeout_s: float = 30.0
     max_query_chars: int = 2000
     max_doc_chars: int = 0
+    max_observation_chars: int = 0
+    truncate_side: str = "right"
     max_prompt_tokens: int = 0
 
     def validate(self) -> None:
@@ -183,11 +189,22 @@ class AgentLoopConfig:
             raise InvalidRequest(f"bad sampling parameters: temperature={self.temperature}, top_p={self.top_p}")
         if self.search_timeout_s <= 0:
             raise InvalidRequest(f"search_timeout_s must be > 0, got {self.search_timeout_s}")
+        if self.truncate_side not in TRUNCATE_SIDES:
+            raise InvalidRequest(f"truncate_side must be one of {TRUNCATE_SIDES}, got {self.truncate_side!r}")
+        if self.max_observation_chars < 0:
+            raise InvalidRequest(f"max_observation_chars must be >= 0, got {self.max_observation_chars}")
 
 
 @dataclass
 class SearchRecord:
-    """One search the policy made (mirrors ``rollout.v1.SearchCall``)."""
+    """One search the policy made (mirrors ``rollout.v1.SearchCall``).
+
+    Attributes:
+        error: why no documents came back (empty for a successful search, including one with no hits).
+        failed: the search service failed (an error or a timeout), as opposed to a query the policy got wrong
+            (empty, too long) or search being disabled. Failed searches are what the trainer counts against
+            ``guards.search_failure`` / ``SEARCHRL_MAX_SEARCH_FAILURE_RATIO``.
+    """
 
     query: str
     documents: list[rollout_pb2.Document]
@@ -195,6 +212,7 @@ class SearchRecord:
     latency_ms: float
     cache_hit: bool = False
     error: str = ""
+    failed: bool = False
 
     def to_proto(self) -> rollout_pb2.SearchCall:
         """As a ``SearchCall`` message."""
@@ -308,6 +326,30 @@ class Episode:
 
 
 # --------------------------------------------------------------------------------------------------- helpers
+
+
+TRUNCATE_SIDES = ("left", "right", "middle")
+
+
+def truncate_observation(text: str, max_chars: int, side: str = "right") -> str:
+    """Cuts a search result to ``max_chars`` characters the way verl's ``ToolAgentLoop`` cuts tool responses.
+
+    Args:
+        text: the formatted documents.
+        max_chars: the limit in characters (0: no limit).
+        side: ``"right"`` keeps the start, ``"left"`` keeps the end, ``"middle"`` keeps both ends.
+
+    Returns:
+        ``text`` unchanged when it fits, else the kept part with a ``(truncated)`` marker where text was cut.
+    """
+    if not max_chars or len(text) <= max_chars:
+        return text
+    if side == "left":
+        return "(truncated)..." + text[-max_chars:]
+    if side == "right":
+        return text[:max_chars] + "...(truncated)"
+    half = max_chars // 2
+    return text[:half] + "...(truncated)..." + text[-half:]
 
 
 def format_documents(documents: Sequence[rollout_pb2.Document], max_doc_chars: int = 0) -> str:
@@ -615,18 +657,24 @@ class AgentLoop:
             SEARCHES.labels(backend, "timeout").inc()
             msg = f"search timed out after {cfg.search_timeout_s:g} s"
             return SearchRecord(
-                query, [], backend, latency, error=msg
+                query, [], backend, latency, error=msg, failed=True
             ), "Search error: the search engine did not answer in time."
         except Exception as exc:  # a dead backend must not end the episode
             latency = (time.perf_counter() - t0) * 1000
             SEARCHES.labels(backend, "error").inc()
             msg = f"{type(exc).__name__}: {exc}"[:500]
             return SearchRecord(
-                query, [], backend, latency, error=msg
+                query, [], backend, latency, error=msg, failed=True
             ), "Search error: the search engine is unavailable."
         latency = (time.perf_counter() - t0) * 1000
         record = SearchRecord(
-            query, list(outcome.documents), outcome.backend or backend, latency, outcome.cache_hit, outcome.error
+            query,
+            list(outcome.documents),
+            outcome.backend or backend,
+            latency,
+            outcome.cache_hit,
+            outcome.error,
+            failed=bool(outcome.error),
         )
         if outcome.error:
             SEARCHES.labels(record.backend, "error").inc()
@@ -635,7 +683,9 @@ class AgentLoop:
             SEARCHES.labels(record.backend, "empty").inc()
             return record, "No documents found."
         SEARCHES.labels(record.backend, "ok").inc()
-        return record, format_documents(outcome.documents, cfg.max_doc_chars)
+        return record, truncate_observation(
+            format_documents(outcome.documents, cfg.max_doc_chars), cfg.max_observation_chars, cfg.truncate_side
+        )
 
 
 @dataclass

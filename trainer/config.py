@@ -249,6 +249,19 @@ class KLExplosionGuard(_Strict):
     action: Literal["warn", "stop"] | None = Field(None, description="Override of guards.action for this guard.")
 
 
+class SearchFailureGuard(_Strict):
+    """Failed searches: more than ``max_ratio`` of a step's searches failed or timed out.
+
+    A failed search becomes an error observation in the episode; past this share the step trains on rollouts that
+    mostly never saw a document, so by default the run stops (checkpointed) instead of learning from them.
+    """
+
+    enabled: bool = Field(True, description="Watch the share of failed searches.")
+    max_ratio: float = Field(0.2, ge=0, le=1, description="Share of a step's searches that may fail (error/timeout).")
+    min_searches: int = Field(5, ge=1, description="Steps with fewer searches than this are not judged.")
+    action: Literal["warn", "stop"] | None = Field("stop", description="Override of guards.action for this guard.")
+
+
 class GuardsConfig(_Strict):
     """Guard rails the anchors lack: each trip is logged, exported as searchrl_train_guard_tripped{guard}."""
 
@@ -256,6 +269,9 @@ class GuardsConfig(_Strict):
     reward_collapse: RewardCollapseGuard = Field(default_factory=RewardCollapseGuard, description="Reward collapse.")
     no_search: NoSearchGuard = Field(default_factory=NoSearchGuard, description="No search in many steps.")
     kl_explosion: KLExplosionGuard = Field(default_factory=KLExplosionGuard, description="KL explosion.")
+    search_failure: SearchFailureGuard = Field(
+        default_factory=SearchFailureGuard, description="Too many failed searches in a step (stops by default)."
+    )
 
 
 class TrainConfig(_Strict):

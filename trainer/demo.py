@@ -371,6 +371,7 @@ def write_report(
         ("reward/f1", "F1"),
         ("reward/format_rate", "format ok"),
         ("rollout/searches_per_episode", "searches/episode"),
+        ("rollout/search_failures", "failed searches"),
         ("rollout/noisy_share", "noisy share"),
         ("actor/kl", "KL"),
         ("time/total_s", "step s"),

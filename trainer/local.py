@@ -51,7 +51,7 @@ from searchrl.trainer import checkpoint as ckpt
 from searchrl.trainer import grpo
 from searchrl.trainer.config import TrainConfig
 from searchrl.trainer.data import QAExample, load_examples
-from searchrl.trainer.guards import GuardEvent, Guards
+from searchrl.trainer.guards import GUARDS, GuardEvent, Guards
 from searchrl.trainer.telemetry import MlflowRun, TrainerGauges
 
 log = logging.getLogger(__name__)
@@ -697,6 +697,12 @@ class LocalTrainer:
             "reward/flat_group_share": flat / max(len(groups), 1),
             "rollout/searches_per_episode": float(np.mean(searches)),
             "rollout/search_error_rate": (sum(1 for s in calls if s.error) / len(calls)) if calls else 0.0,
+            # service failures only (errors, timeouts), not the policy's invalid queries: guards.search_failure
+            "rollout/searches": float(sum(1 for s in calls if s.failed or not s.error)),
+            "rollout/search_failures": float(sum(1 for s in calls if s.failed)),
+            "rollout/search_failure_rate": (
+                sum(1 for s in calls if s.failed) / max(sum(1 for s in calls if s.failed or not s.error), 1)
+            ),
             "rollout/search_cache_hit_rate": (sum(1 for s in calls if s.cache_hit) / len(calls)) if calls else 0.0,
             "rollout/noisy_share": (len(noisy) / len(with_docs)) if with_docs else 0.0,
             "rollout/response_length": float(np.mean([len(ep.response_ids) for ep in episodes])),
@@ -780,8 +786,10 @@ class LocalTrainer:
             reward_mean=metrics["reward/mean"],
             searches_per_episode=metrics["rollout/searches_per_episode"],
             kl=metrics["actor/kl"],
+            searches=int(metrics["rollout/searches"]),
+            failed_searches=int(metrics["rollout/search_failures"]),
         )
-        for g in ("reward_collapse", "no_search", "kl_explosion"):
+        for g in GUARDS:
             metrics[f"guard/{g}"] = 1.0 if self.guards.tripped.get(g) else 0.0
         self.run.log_metrics(metrics, step=step)
         self.gauges.update(step, metrics, self.guards.tripped)

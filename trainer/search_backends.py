@@ -34,17 +34,25 @@ from searchrl.trainer.agent_loop import SearchContext, SearchOutcome
 class _Channel:
     """A channel and call options from a target string or from an existing client (``.channel``, ``.call_kwargs``)."""
 
-    def __init__(self, client_or_target: Any, service_name: str, timeout_s: float, token: str = "") -> None:
+    def __init__(
+        self, client_or_target: Any, service_name: str, timeout_s: float, token: str = "", options: Any = None
+    ) -> None:
         self.timeout_s = timeout_s
         self._owned = isinstance(client_or_target, str)
         if self._owned:
+            import dataclasses
+
             from searchrl.client.base import BaseClient, ChannelOptions
 
             class _Client(BaseClient):
                 pass
 
             _Client.service_name = service_name
-            self._client: Any = _Client(client_or_target, ChannelOptions(timeout_s=timeout_s, token=token))
+            if options is None:
+                opts = ChannelOptions(timeout_s=timeout_s, token=token)
+            else:  # TLS / mTLS / token from the caller (e.g. ChannelOptions.from_env()), our deadline
+                opts = dataclasses.replace(options, timeout_s=timeout_s, token=options.token or token)
+            self._client: Any = _Client(client_or_target, opts)
         else:
             if not hasattr(client_or_target, "channel"):
                 raise InvalidRequest("expected a 'host:port' target or a client object with a .channel")
@@ -71,12 +79,14 @@ class RetrieverSearch:
         client_or_target: ``host:port`` of the service, or a client with a ``channel``.
         timeout_s: deadline of one RPC, in seconds.
         token: bearer token when the service requires auth (target form only).
+        options: a :class:`searchrl.client.base.ChannelOptions` with TLS settings and token (target form only);
+            ``timeout_s`` still sets the deadline.
     """
 
     name = "retriever"
 
-    def __init__(self, client_or_target: Any, *, timeout_s: float = 30.0, token: str = "") -> None:
-        self._ch = _Channel(client_or_target, "searchrl.retrieval.v1.RetrievalService", timeout_s, token)
+    def __init__(self, client_or_target: Any, *, timeout_s: float = 30.0, token: str = "", options: Any = None) -> None:
+        self._ch = _Channel(client_or_target, "searchrl.retrieval.v1.RetrievalService", timeout_s, token, options)
         self._stub = retrieval_pb2_grpc.RetrievalServiceStub(self._ch.channel)
 
     async def search(self, query: str, *, top_k: int, context: SearchContext) -> SearchOutcome:
@@ -112,6 +122,7 @@ class SimulatorSearch:
         noise_probability: fixed probability of noisy documents in [0, 1]; ``None`` for none.
         timeout_s: deadline of one RPC, in seconds (LLM simulation is slow on CPU).
         token: bearer token when the service requires auth (target form only).
+        options: a :class:`searchrl.client.base.ChannelOptions` with TLS settings and token (target form only).
 
     Raises:
         InvalidRequest: an unknown ``quality`` or a probability outside [0, 1].
@@ -128,6 +139,7 @@ class SimulatorSearch:
         noise_probability: float | None = None,
         timeout_s: float = 120.0,
         token: str = "",
+        options: Any = None,
     ) -> None:
         qualities = {
             "": None,
@@ -141,7 +153,9 @@ class SimulatorSearch:
         self.training = training
         self.quality = qualities[quality]
         self.noise_probability = noise_probability
-        self._ch = _Channel(client_or_target, "searchrl.simulation.v1.SimulatedSearchService", timeout_s, token)
+        self._ch = _Channel(
+            client_or_target, "searchrl.simulation.v1.SimulatedSearchService", timeout_s, token, options
+        )
         self._stub = simulation_pb2_grpc.SimulatedSearchServiceStub(self._ch.channel)
 
     def request(self, query: str, top_k: int, context: SearchContext) -> simulation_pb2.SearchRequest:
@@ -276,8 +290,12 @@ def build_search_backend(
     seed: int = 0,
     timeout_s: float = 30.0,
     token: str = "",
+    options: Any = None,
 ) -> Any:
     """A backend by name: ``"retriever"``, ``"simulator"``, ``"mixed"`` (retriever share ``mix_ratio``) or ``"none"``.
+
+    ``options`` (a :class:`searchrl.client.base.ChannelOptions`, e.g. ``ChannelOptions.from_env()``) carries TLS
+    and the token for the channels; ``token`` alone gives plaintext with a bearer token.
 
     Raises:
         InvalidRequest: unknown kind, or the target it needs is empty.
@@ -289,13 +307,17 @@ def build_search_backend(
     if kind in ("simulator", "mixed") and not simulator_target:
         raise InvalidRequest(f"search backend {kind!r} needs a simulator target")
     if kind == "retriever":
-        return RetrieverSearch(retriever_target, timeout_s=timeout_s, token=token)
+        return RetrieverSearch(retriever_target, timeout_s=timeout_s, token=token, options=options)
     if kind == "simulator":
-        return SimulatorSearch(simulator_target, training=training, timeout_s=max(timeout_s, 60.0), token=token)
+        return SimulatorSearch(
+            simulator_target, training=training, timeout_s=max(timeout_s, 60.0), token=token, options=options
+        )
     if kind == "mixed":
         return MixedSearch(
-            RetrieverSearch(retriever_target, timeout_s=timeout_s, token=token),
-            SimulatorSearch(simulator_target, training=training, timeout_s=max(timeout_s, 60.0), token=token),
+            RetrieverSearch(retriever_target, timeout_s=timeout_s, token=token, options=options),
+            SimulatorSearch(
+                simulator_target, training=training, timeout_s=max(timeout_s, 60.0), token=token, options=options
+            ),
             ratio=mix_ratio,
             seed=seed,
         )

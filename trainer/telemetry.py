@@ -59,6 +59,11 @@ class TrainerGauges:
             "Share of the last step's searches answered with noisy simulated documents.",
             registry=r,
         )
+        self.search_failure_ratio = Gauge(
+            "searchrl_train_search_failure_ratio",
+            "Share of the last step's searches that failed or timed out (error observations instead of documents).",
+            registry=r,
+        )
         self.step_seconds = Gauge(
             "searchrl_train_step_seconds", "Seconds of the last step by phase.", ["phase"], registry=r
         )
@@ -83,6 +88,7 @@ class TrainerGauges:
         self.searches.set(metrics.get("rollout/searches_per_episode", 0.0))
         self.kl.set(metrics.get("actor/kl", 0.0))
         self.noisy_share.set(metrics.get("rollout/noisy_share", 0.0))
+        self.search_failure_ratio.set(metrics.get("rollout/search_failure_rate", 0.0))
         for p in PHASES:
             self.step_seconds.labels(p).set(metrics.get(f"time/{p}_s", 0.0))
         for g in GUARDS:

@@ -38,6 +38,13 @@ def _compose(name: str) -> DictConfig:
     return copy.deepcopy(_composed(name))
 
 
+@pytest.fixture(autouse=True)
+def _config_dir(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The presets' ``${oc.env:SEARCHRL_CONFIG_DIR,/app/trainer/config}`` paths point at this checkout, as the RayJob
+    entrypoint points them at the installed package (tests/trainer/test_rayjob_presets.py checks that path)."""
+    monkeypatch.setenv("SEARCHRL_CONFIG_DIR", str(CONFIG_DIR))
+
+
 @pytest.fixture(scope="module")
 def verl_base() -> DictConfig:
     """verl's own ppo_trainer config, untouched."""
@@ -95,7 +102,8 @@ def test_grpo_settings(name: str) -> None:
     assert cfg.algorithm.adv_estimator == "grpo"
     assert cfg.algorithm.norm_adv_by_std_in_grpo is True
     assert arr.rollout.n == 5
-    assert arr.rollout.name == "sglang"
+    assert arr.rollout.name == "vllm"  # the trainer image's verl[vllm,fsdp] (verl[sglang] does not resolve)
+    assert arr.rollout.skip_tokenizer_init is False  # our stop strings need the server's tokenizer
     assert arr.actor.use_kl_loss is True
     assert arr.actor.kl_loss_coef == 0.001
     assert arr.actor.kl_loss_type == "low_var_kl"

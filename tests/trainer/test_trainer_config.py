@@ -139,9 +139,34 @@ def test_kl_explosion_guard_and_state_round_trip() -> None:
     assert g2.state_dict() == g.state_dict()
 
 
+def test_search_failure_guard_stops_by_default_and_ignores_small_samples() -> None:
+    g = _guards("guards.search_failure.max_ratio=0.2", "guards.search_failure.min_searches=5")
+    assert g.update(1, reward_mean=0, searches_per_episode=1, kl=0, searches=10, failed_searches=2) == []  # 20%
+    assert g.update(2, reward_mean=0, searches_per_episode=1, kl=0, searches=4, failed_searches=4) == []  # < 5 seen
+    ev = g.update(3, reward_mean=0, searches_per_episode=1, kl=0, searches=10, failed_searches=3)
+    assert [(e.guard, e.action) for e in ev] == [("search_failure", "stop")]  # stops although guards.action=warn
+    assert "3 of 10 searches failed" in ev[0].message and g.tripped["search_failure"]
+
+
+def test_search_failure_window_raises_past_the_ratio() -> None:
+    from searchrl.trainer.guards import SearchFailuresExceeded, SearchFailureWindow
+
+    w = SearchFailureWindow.from_env({"SEARCHRL_MAX_SEARCH_FAILURE_RATIO": "0.25", "SEARCHRL_SEARCH_FAILURE_WINDOW": "8"})
+    w.record([False] * 6 + [True])  # 7 searches: below the window, no verdict
+    w.record([True])  # 2 of 8 = 25%: at the limit
+    with pytest.raises(SearchFailuresExceeded, match="3 of the last 8 searches failed"):
+        w.record([True])  # the oldest success leaves the window: 3 of 8
+    assert w.searches == 9 and w.failures == 3
+    with pytest.raises(InvalidRequest):
+        SearchFailureWindow.from_env({"SEARCHRL_MAX_SEARCH_FAILURE_RATIO": "1.5"})
+
+
 def test_disabled_guards_never_trip() -> None:
     g = _guards(
-        "guards.reward_collapse.enabled=false", "guards.no_search.enabled=false", "guards.kl_explosion.enabled=false"
+        "guards.reward_collapse.enabled=false",
+        "guards.no_search.enabled=false",
+        "guards.kl_explosion.enabled=false",
+        "guards.search_failure.enabled=false",
     )
     for step, r in enumerate([1.0, 0.0, 0.0, 0.0, 0.0, 0.0], start=1):
-        assert g.update(step, reward_mean=r, searches_per_episode=0, kl=100.0) == []
+        assert g.update(step, reward_mean=r, searches_per_episode=0, kl=100.0, searches=50, failed_searches=50) == []

@@ -152,7 +152,8 @@ def test_prometheus_gauges_served() -> None:
     g = TrainerGauges(port=port)
     try:
         metrics = {"reward/mean": 0.25, "reward/f1": 0.5, "rollout/searches_per_episode": 1.5, "actor/kl": 0.01,
-                   "rollout/noisy_share": 0.3, "time/rollout_s": 2.0, "time/update_s": 3.0, "time/total_s": 5.5}  # fmt: skip
+                   "rollout/noisy_share": 0.3, "time/rollout_s": 2.0, "time/update_s": 3.0, "time/total_s": 5.5,
+                   "rollout/search_failure_rate": 0.125}  # fmt: skip
         g.update(7, metrics, {"no_search": True})
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     finally:
@@ -166,6 +167,8 @@ def test_prometheus_gauges_served() -> None:
     assert 'searchrl_train_step_seconds{phase="update"} 3.0' in body
     assert 'searchrl_train_guard_tripped{guard="no_search"} 1.0' in body
     assert 'searchrl_train_guard_tripped{guard="kl_explosion"} 0.0' in body
+    assert "searchrl_train_search_failure_ratio 0.125" in body
+    assert 'searchrl_train_guard_tripped{guard="search_failure"} 0.0' in body
 
 
 def test_mlflow_run_create_and_reopen(tmp_path: Path) -> None:

@@ -22,8 +22,46 @@ from uuid import uuid4
 
 from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopMetrics, AgentLoopOutput, register
 
-from searchrl.trainer.agent_loop import AgentLoop, AgentLoopConfig, GenerationOutput, SearchContext, SearchOutcome
+from searchrl.trainer.agent_loop import (
+    AgentLoop,
+    AgentLoopConfig,
+    Episode,
+    GenerationOutput,
+    SearchContext,
+    SearchOutcome,
+)
+from searchrl.trainer.guards import SearchFailureWindow
+from searchrl.trainer.prompts import render_prompt
 from searchrl.trainer.search_backends import NoSearch, build_search_backend
+from searchrl.trainer.verl_plugins.metrics import report_episode
+
+# One per agent-loop worker process: verl runs every episode of the worker through the same class.
+_FAILURES: SearchFailureWindow | None = None
+
+
+def _failure_window() -> SearchFailureWindow:
+    global _FAILURES
+    if _FAILURES is None:
+        _FAILURES = SearchFailureWindow.from_env()
+    return _FAILURES
+
+
+def _search_tally(episode: Episode) -> tuple[dict[str, int], int, int]:
+    """``({"<backend>/<outcome>": n}, searches sent to a backend, failed searches)`` of one episode."""
+    outcomes: dict[str, int] = {}
+    sent = failed = 0
+    for s in episode.searches:
+        if s.failed:
+            outcome = "timeout" if "timed out" in s.error else "error"
+        elif s.error:
+            outcome = "disabled" if "disabled" in s.error else "invalid_query"
+        else:
+            outcome = "ok" if s.documents else "empty"
+        key = f"{s.backend}/{outcome}"
+        outcomes[key] = outcomes.get(key, 0) + 1
+        sent += int(s.failed or not s.error)
+        failed += int(s.failed)
+    return outcomes, sent, failed
 
 
 class VerlServerBackend:
@@ -186,6 +224,9 @@ class SearchRLResearchAgentLoop(AgentLoopBase):
             "response_prefix": response_prefix,
             "search_timeout_s": float(search_timeout_s),
             "max_doc_chars": int(max_doc_chars),
+            # verl's tool-response limit (characters) and cut side apply to our <result> blocks too
+            "max_observation_chars": int(multi_turn.get("max_tool_response_length") or 0),
+            "truncate_side": str(multi_turn.get("tool_response_truncate_side") or "right"),
         }
 
     def _search_backend(self) -> Any:
@@ -195,17 +236,25 @@ class SearchRLResearchAgentLoop(AgentLoopBase):
             self._fallback_search = build_search_backend(**self._search_spec) if self._search_spec else NoSearch()
         return self._fallback_search
 
-    def _prompt_ids(self, kwargs: dict[str, Any]) -> list[int] | None:
+    def _prompt_ids(self, kwargs: dict[str, Any]) -> list[int]:
+        """The prompt's token ids, cut to ``rollout.prompt_length`` like verl's own loops (left-truncation).
+
+        The dataset's chat messages when ``use_dataset_prompt`` and the row has them, else our template for the
+        question; both go through verl's ``_cap_text_prompt_length``.
+        """
         raw = kwargs.get("raw_prompt")
-        if not self.use_dataset_prompt or raw is None or len(raw) == 0:
-            return None
         tokenizer: Any = self.tokenizer
-        ids = tokenizer.apply_chat_template(
-            list(raw), add_generation_prompt=True, tokenize=True, **(self.apply_chat_template_kwargs or {})
-        )
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return self._cap_text_prompt_length([int(x) for x in ids])
+        if self.use_dataset_prompt and raw is not None and len(raw) > 0:
+            ids = tokenizer.apply_chat_template(
+                list(raw), add_generation_prompt=True, tokenize=True, **(self.apply_chat_template_kwargs or {})
+            )
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+        else:
+            settings = self.loop_settings
+            ids = render_prompt(tokenizer, _question(kwargs), str(settings["template"]), str(settings["protocol"])).ids
+        capped: list[int] = self._cap_text_prompt_length([int(x) for x in ids])
+        return capped
 
     async def run(self, sampling_params: dict[str, Any], **kwargs: Any) -> AgentLoopOutput:
         """Runs one episode for one dataset row.
@@ -217,8 +266,13 @@ class SearchRLResearchAgentLoop(AgentLoopBase):
 
         Returns:
             ``AgentLoopOutput`` with ``response_mask`` = the loss mask, ``response_logprobs`` when verl asked for
-            log-probs, ``num_turns``, timing metrics, and extra fields ``searchrl_finish_reason``,
-            ``searchrl_num_searches`` and ``searchrl_answer``.
+            log-probs, ``num_turns``, timing metrics, and extra fields ``ended_with_eos`` (read by
+            ``compute_score``), ``searchrl_finish_reason``, ``searchrl_num_searches``, ``searchrl_search_failures``
+            and ``searchrl_answer``.
+
+        Raises:
+            SearchFailuresExceeded: more than ``SEARCHRL_MAX_SEARCH_FAILURE_RATIO`` of this worker's recent searches
+                failed (the step fails rather than train on error observations).
         """
         extra = kwargs.get("extra_info") or {}
         backend = VerlServerBackend(self.server_manager, self.tokenizer, sampling_params, engine=self.engine)
@@ -244,6 +298,10 @@ class SearchRLResearchAgentLoop(AgentLoopBase):
             total_steps=int(total_steps) if total_steps else None,
             prompt_ids=self._prompt_ids(kwargs),
         )
+        outcomes, sent, failed = _search_tally(episode)
+        report_episode(outcomes, sent, failed)
+        # raises SearchFailuresExceeded (fails the step and the run) past SEARCHRL_MAX_SEARCH_FAILURE_RATIO
+        _failure_window().record([s.failed for s in episode.searches if s.failed or not s.error])
         n = self.response_length
         return AgentLoopOutput(
             prompt_ids=episode.prompt_ids,
@@ -256,8 +314,12 @@ class SearchRLResearchAgentLoop(AgentLoopBase):
                 tool_calls=episode.timings["search_ms"] / 1000,
             ),
             extra_fields={
+                # verl merges extra_fields into the reward function's extra_info: the ReSearch EOS rule of
+                # compute_score needs it (an episode cut by the token budget gets no format reward)
+                "ended_with_eos": episode.ended_with_eos,
                 "searchrl_finish_reason": episode.finish_reason,
                 "searchrl_num_searches": episode.num_searches,
+                "searchrl_search_failures": failed,
                 "searchrl_answer": episode.answer,
                 "searchrl_total_s": time.perf_counter() - t0,
             },

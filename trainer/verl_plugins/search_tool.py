@@ -14,6 +14,12 @@ OpenAI ``tool_schema``), as verl's ``initialize_tools_from_config`` expects. It 
 ``mix_ratio``, ``training`` (send question/gold answers to the simulator), ``top_k``, ``timeout_s``,
 ``max_query_chars``, ``max_doc_chars``, ``total_steps`` (curriculum length when ``create_kwargs`` lack it),
 ``auth_token_env`` (name of an environment variable holding the services' bearer token).
+
+TLS and auth come from the environment (:meth:`searchrl.client.base.ChannelOptions.from_env`): ``SEARCHRL_TLS``,
+``SEARCHRL_TLS_CA_FILE``, ``SEARCHRL_TLS_CLIENT_CERT_FILE`` / ``_KEY_FILE`` and ``SEARCHRL_AUTH_TOKEN_FILE`` or the
+variable named by ``auth_token_env``. A search that fails anyway is an error observation, counted in
+``searchrl_policy_searches_total{outcome="error"|"timeout"}``, and the agent loop fails the run past
+``SEARCHRL_MAX_SEARCH_FAILURE_RATIO``.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from uuid import uuid4
 from verl.tools.base_tool import BaseTool
 from verl.tools.schemas import OpenAIFunctionToolSchema, ToolResponse
 
+from searchrl.client.base import ChannelOptions
 from searchrl.trainer.agent_loop import SEARCHES, SearchContext, SearchOutcome, format_documents
 from searchrl.trainer.search_backends import build_search_backend
 
@@ -62,7 +69,12 @@ class SearchRLSearchTool(BaseTool):
     def _get_backend(self) -> Any:
         # Created lazily: grpc.aio channels belong to the event loop that runs the rollouts.
         if self._backend is None:
+            # TLS (SEARCHRL_TLS, SEARCHRL_TLS_CA_FILE, mTLS cert/key) and the token file from the pod's environment,
+            # as the RayJob manifests set them; the tool config's auth_token_env names a token variable too.
+            options = ChannelOptions.from_env()
             token_env = str(self.config.get("auth_token_env", "") or "")
+            if token_env and os.environ.get(token_env):
+                options.token = os.environ[token_env].strip()
             self._backend = build_search_backend(
                 self.backend_kind,
                 retriever_target=str(self.config.get("retriever_target", "")),
@@ -70,7 +82,7 @@ class SearchRLSearchTool(BaseTool):
                 mix_ratio=float(self.config.get("mix_ratio", 0.5)),
                 training=bool(self.config.get("training", True)),
                 timeout_s=self.timeout_s,
-                token=os.environ.get(token_env, "") if token_env else "",
+                options=options,
             )
         return self._backend
 
