@@ -90,9 +90,11 @@ def check(cfg: Any, *, require_data: bool = True) -> list[str]:
                 # verl resolves it against each Ray worker's working directory, which is not the driver's
                 problems.append(f"{label} {path} is relative: Ray workers would not find it; use an absolute path")
                 continue
-            try:
-                resolve_config_path(path)
+            try:  # verl returns absolute paths unchecked: the file must exist here (the image has the same tree)
+                found = Path(resolve_config_path(path)).is_file()
             except FileNotFoundError:
+                found = False
+            if not found:
                 problems.append(f"{label} {path} not found")
     problems += _rollout_problems(rollout)
     if require_data:
