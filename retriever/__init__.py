@@ -7,7 +7,9 @@ The pieces, from the bottom up:
   cache.
 * :mod:`searchrl.retriever.embed` wraps sentence-transformers with the query/passage prefixes each model family expects.
 * :mod:`searchrl.retriever.index` builds (resumably) and loads Flat, HNSW and IVF-PQ indexes, and Search-R1's raw
-  ``e5_Flat.index`` files unchanged.
+  ``e5_Flat.index`` files unchanged; an index directory carries its encoder in ``model/``.
+* :mod:`searchrl.retriever.gpu` checks what faiss-gpu accepts before an index is cloned to a GPU (nprobe <= 2048, GPU
+  code compiled for the device's compute capability).
 * :mod:`searchrl.retriever.batcher` micro-batches concurrent requests; :mod:`searchrl.retriever.engine` puts the cache,
   validation and filters around it; :mod:`searchrl.retriever.server` serves it over gRPC and the Search-R1/FlashRAG
   HTTP API (:mod:`searchrl.retriever.http`).

@@ -1,12 +1,16 @@
 """``searchrl index build|eval|info``: build, evaluate and inspect FAISS indexes.
 
     searchrl index build --corpus wiki --index-type flat --out idx/wiki-flat
-    searchrl index build --corpus wiki-18.jsonl --model intfloat/e5-base-v2 --index-type ivfpq --out idx/e5-ivfpq
+    searchrl index build --corpus wiki-18.jsonl --model intfloat/e5-base-v2 --allow-download --index-type ivfpq --out idx/e5-ivfpq
     searchrl index eval --index-dir idx/wiki-hnsw --queries fanoutqa --ef-search 16,64,128
     searchrl index info --index-dir idx/wiki-flat
 
 ``eval`` reports recall@k of an approximate index against exact (Flat) search on held-out queries: the exact answer
 comes from the index's own embedding shards (or ``--reference`` DIR, a flat index of the same corpus).
+
+``build`` runs offline (``HF_HUB_OFFLINE=1``) unless ``--allow-download`` lets it fetch a model missing from the
+Hugging Face cache; either way the index directory stores the encoder in ``<out>/model/``, and ``eval`` and
+``searchrl serve retriever`` load it from there, offline.
 """
 
 from __future__ import annotations
@@ -90,6 +94,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         embeddings_dir=args.embeddings_dir or None,
         progress=not args.no_progress,
         torch_threads=args.torch_threads,
+        allow_download=args.allow_download,
     )
     m = report.manifest
     print(
@@ -184,6 +189,12 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="embed a corpus and build an index directory (resumable)")
     b.add_argument("--corpus", required=True, help="'wiki' (bundled summaries), a FlashRAG *.jsonl or a *.parquet")
     b.add_argument("--model", default="all-minilm-l6-v2", help="embedding model name or path")
+    b.add_argument(
+        "--allow-download",
+        action="store_true",
+        help="let sentence-transformers download --model from the Hugging Face Hub when it is not in the local cache "
+        "(default: offline); the index directory stores the model in OUT/model/ either way",
+    )
     b.add_argument("--index-type", default="flat", choices=["flat", "hnsw", "ivfpq"])
     b.add_argument("--out", required=True, help="index directory to write")
     b.add_argument("--limit", type=int, default=None, help="use only the first N passages")
@@ -224,9 +235,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``searchrl index``; returns the exit code (2 on a usage or data error)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parser().parse_args(argv)
+    if not getattr(args, "allow_download", False):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return int(args.fn(args))
     except (SearchRLError, FileNotFoundError, ValueError) as exc:

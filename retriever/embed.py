@@ -353,12 +353,37 @@ def set_torch_threads(n: int) -> None:
             torch.set_num_threads(n)
 
 
+def _load_error(model: str, path: str, exc: BaseException, allow_download: bool) -> str:
+    """One-line reason a model did not load, with the way out when it is a hub name missing from an offline cache."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    msg = f"cannot load embedding model {model!r} from {path!r}: {first}"
+    forced_offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if allow_download and not os.path.isdir(path):
+        if forced_offline:
+            return msg + " -- HF_HUB_OFFLINE=1 is set in the environment, which blocks --allow-download; unset it."
+        return msg + " -- downloads were allowed: check access to the Hugging Face Hub (HF_ENDPOINT, HF_TOKEN)."
+    if not allow_download and not os.path.isdir(path):
+        hf_home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+        msg += (
+            f" -- it is not bundled, not a local folder, and not in the offline Hugging Face cache (HF_HOME={hf_home})."
+            " Build the index with 'searchrl index build --allow-download' to download it (the index directory then"
+            " stores it in <index-dir>/model/, which 'searchrl serve retriever --index-dir' loads offline), or pass"
+            " a local model folder."
+        )
+    return msg
+
+
 class Encoder:
     """A sentence-transformers model that embeds queries and passages for inner-product search.
 
     Args:
-        model: the embedded default ``"all-minilm-l6-v2"``, a local folder, or a hub name your cluster caches
-            (``HF_HUB_OFFLINE=1`` is set, so nothing is downloaded).
+        model: the embedded default ``"all-minilm-l6-v2"``, a local folder, or a hub name in the local Hugging Face
+            cache (offline: ``HF_HUB_OFFLINE=1`` is set and ``local_files_only``, unless ``allow_download``). The
+            name also picks the prefix family (see the module table).
+        model_path: load the weights from this folder instead of resolving ``model`` (an index directory's
+            ``model/``); ``model`` still gives :attr:`name` and the prefixes.
+        allow_download: let sentence-transformers download ``model`` from the Hub when it is not cached (no forced
+            offline mode, ``local_files_only=False``); an ``HF_HUB_OFFLINE=1`` set by the caller still wins.
         device: ``"cpu"``, ``"cuda"``... ``None`` picks CUDA when available.
         fp16: half precision on GPU, for queries and passages (ignored on CPU, where fp16 matmuls are slow).
         max_length: token limit per text (``None``: the model's own ``max_seq_length``).
@@ -373,7 +398,8 @@ class Encoder:
             :data:`CPU_BUCKET_OVERHEAD_TOKENS` on CPU, 0 = no bucketing on GPU, where padding is nearly free).
 
     Raises:
-        FailedPrecondition: the model cannot be loaded.
+        FailedPrecondition: the model cannot be loaded; offline, the message says how to get it
+            (``searchrl index build --allow-download``, or a local folder).
         InvalidRequest: unknown ``query_dtype``.
 
     Attributes:
@@ -395,8 +421,11 @@ class Encoder:
         bucket_overhead_tokens: float | None = None,
         encode_workers: int = 1,
         min_split: int = 8,
+        model_path: str | None = None,
+        allow_download: bool = False,
     ) -> None:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        if not allow_download:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         import torch
         from sentence_transformers import SentenceTransformer
@@ -409,17 +438,15 @@ class Encoder:
             hf_logging.disable_progress_bar()
         set_torch_threads(torch_threads)
         self.name = canonical_model_name(model)
-        path = embedding_model_path(model)
+        path = model_path or embedding_model_path(model)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
         self.query_dtype = resolve_query_dtype(query_dtype, device, fp16)
         try:
-            self.model = SentenceTransformer(path, device=device, local_files_only=True)
+            self.model = SentenceTransformer(path, device=device, local_files_only=not allow_download)
         except Exception as exc:  # noqa: BLE001 - any load failure is a start-up precondition
-            raise FailedPrecondition(
-                f"cannot load embedding model {model!r} from {path!r}: {exc}".splitlines()[0]
-            ) from exc
+            raise FailedPrecondition(_load_error(model, path, exc, allow_download)) from exc
         if fp16 and device.startswith("cuda"):
             self.model.half()
         if max_length is not None:
@@ -536,6 +563,30 @@ class Encoder:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+
+    def save(self, target: str | os.PathLike[str]) -> str:
+        """Writes the model (float32 weights, tokenizer, pooling) as a sentence-transformers folder at ``target``.
+
+        The folder is written next to ``target`` and renamed over it, so a crash leaves the old folder or none.
+        :class:`Encoder` (``model_path=target``) loads it offline. Returns ``target``.
+        """
+        import copy
+        import shutil
+
+        import torch
+
+        target = os.fspath(target)
+        tmp = target.rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model = self.model
+        if any(p.dtype != torch.float32 for p in model.parameters()):  # fp16 on GPU: store float32 for CPU loads
+            model = copy.deepcopy(model).float()
+        with self._lock:
+            model.save(tmp, create_model_card=False)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+        return target
 
     def encode_passages(self, passages: Sequence[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
         """Embeds passages (``"title\\ntext"``) with the passage prefix.

@@ -17,12 +17,19 @@ unchanged; so do ReSearch/FlashRAG clients:
     ``{"status": "healthy", "index": {...}}``.
 
 Bad JSON or bad fields -> HTTP 400 ``{"detail": message}`` (FastAPI's error shape); limits are the gRPC ones.
+
+Security follows the gRPC port's settings: with a bearer token (``--auth-token`` / ``--auth-token-file``) every route
+but ``/health`` needs ``Authorization: Bearer <token>`` (compared in constant time), else HTTP 401
+``{"detail": ...}`` with ``WWW-Authenticate: Bearer``; with ``--tls-cert-file``/``--tls-key-file`` the port serves
+HTTPS with that certificate, and with ``--tls-client-ca-file`` it requires client certificates (mTLS), as gRPC does.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
+import ssl
 from typing import Any
 
 from aiohttp import web
@@ -78,17 +85,56 @@ def _doc(d: Any) -> dict[str, str]:
     return {"id": d.id, "contents": f'"{d.title}"\n{d.text}'}
 
 
+#: Routes that never need a token (Kubernetes probes).
+OPEN_PATHS = frozenset({"/health"})
+
+
+def server_ssl_context(cert_file: str, key_file: str, client_ca_file: str = "") -> ssl.SSLContext | None:
+    """TLS server context for the HTTP port from the service's TLS settings, or ``None`` for plain HTTP.
+
+    Args:
+        cert_file: PEM server certificate (chain).
+        key_file: PEM private key of the certificate.
+        client_ca_file: PEM CA bundle; when set, clients must present a certificate it signed (mTLS).
+
+    Raises:
+        ValueError: only one of ``cert_file`` / ``key_file`` is set.
+        OSError, ssl.SSLError: unreadable or mismatched files.
+    """
+    if not (cert_file or key_file):
+        return None
+    if not (cert_file and key_file):
+        raise ValueError("TLS needs both --tls-cert-file and --tls-key-file")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert_file, key_file)
+    if client_ca_file:
+        ctx.load_verify_locations(cafile=client_ca_file)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
 class HttpApi:
-    """The aiohttp application serving :class:`RetrievalEngine` over HTTP.
+    """The aiohttp application serving :class:`RetrievalEngine` over HTTP(S).
 
     Args:
         engine: the shared engine (same batcher and cache as gRPC).
         max_body_mb: largest request body accepted, MiB.
+        token: bearer token required on every route but ``/health`` (empty: no auth).
+        ssl_context: serve HTTPS with this context (:func:`server_ssl_context`); ``None``: plain HTTP.
     """
 
-    def __init__(self, engine: RetrievalEngine, max_body_mb: int = 64) -> None:
+    def __init__(
+        self,
+        engine: RetrievalEngine,
+        max_body_mb: int = 64,
+        token: str = "",
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.engine = engine
-        self.app = web.Application(client_max_size=max_body_mb * 1024 * 1024, middlewares=[self._errors])
+        self._expected_auth = f"Bearer {token}".encode() if token else b""
+        self.ssl_context = ssl_context
+        self.app = web.Application(client_max_size=max_body_mb * 1024 * 1024, middlewares=[self._auth, self._errors])
         self.app.add_routes(
             [
                 web.post("/retrieve", self.retrieve),
@@ -99,6 +145,24 @@ class HttpApi:
         )
         self._runner: web.AppRunner | None = None
         self.port = -1
+
+    @property
+    def scheme(self) -> str:
+        """``"https"`` with TLS, else ``"http"``."""
+        return "https" if self.ssl_context is not None else "http"
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """401 unless ``Authorization`` is exactly ``Bearer <token>`` (constant-time compare); ``/health`` is open."""
+        if self._expected_auth and request.path not in OPEN_PATHS:
+            got = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(got, self._expected_auth):
+                return web.json_response(
+                    {"detail": "missing or invalid bearer token (send 'Authorization: Bearer <token>')"},
+                    status=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        return await handler(request)
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -179,14 +243,14 @@ class HttpApi:
         )
 
     async def start(self, host: str, port: int) -> int:
-        """Binds ``host:port`` (0: a free port) on the running loop; returns the bound port.
+        """Binds ``host:port`` (0: a free port) on the running loop, over TLS when configured; returns the bound port.
 
         Raises:
             OSError: the port cannot be bound.
         """
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
+        site = web.TCPSite(self._runner, host, port, ssl_context=self.ssl_context)
         await site.start()
         addresses = self._runner.addresses  # bound (host, port, ...) tuples: the real port when 0 was asked
         self.port = int(addresses[0][1]) if addresses else port

@@ -5,6 +5,8 @@ An index directory holds::
     manifest.json      IndexManifest: embedding model, dimension, size, index type, corpus checksum, params, faiss
     index.faiss        the FAISS index (faiss.write_index)
     store/             the PassageStore (memory-mapped passages, see searchrl.retriever.corpus)
+    model/             the query/passage encoder the index was built with (sentence-transformers ``save``); loading
+                       uses it, offline, so a served index never needs the model hub or the build's model path
     embeddings/        shard_00000.npy ... (float32, unit-norm rows) + shards.json; a rerun skips finished shards
 
 Index types (inner product on unit vectors = cosine):
@@ -18,7 +20,10 @@ Index types (inner product on unit vectors = cosine):
 
 GPU (faiss-gpu present and ``faiss.get_num_gpus() > 0``): flat and IVF-PQ are cloned to every GPU with
 ``index_cpu_to_all_gpus`` in float16 and sharded (``GpuMultipleClonerOptions.shard = True``), as Search-R1 does for
-its flat index; HNSW has no GPU implementation and stays on CPU.
+its flat index; HNSW has no GPU implementation and stays on CPU. Before cloning, IVF ``nprobe`` is clamped to
+faiss-gpu's limit of 2048 (:data:`~searchrl.retriever.gpu.GPU_MAX_NPROBE`) and GPUs the installed faiss has no code
+for are refused (:mod:`searchrl.retriever.gpu`). Each loaded index exports
+``searchrl_index_device_info{index,device="gpu"|"cpu"} = 1`` and, for IVF, ``searchrl_index_nprobe{index}``.
 """
 
 from __future__ import annotations
@@ -36,9 +41,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from prometheus_client import Gauge
 from pydantic import BaseModel, ConfigDict
 
 from searchrl.errors import FailedPrecondition, InvalidRequest
+from searchrl.retriever import gpu as gpu_checks
 from searchrl.retriever.corpus import PassageStore, iter_corpus, iter_jsonl
 from searchrl.retriever.embed import Encoder, canonical_model_name, same_model
 
@@ -47,8 +54,29 @@ log = logging.getLogger("searchrl.retriever.index")
 INDEX_TYPES = ("flat", "hnsw", "ivfpq")
 INDEX_FILE = "index.faiss"
 MANIFEST_FILE = "manifest.json"
+ENCODER_DIR = "model"  # <index-dir>/model: the encoder saved by build_index
 MANIFEST_FORMAT = 1
 _BLAS_DEFAULT: int | None = None  # faiss's distance_compute_blas_threshold before we first changed it
+
+INDEX_DEVICE = Gauge(
+    "searchrl_index_device_info",
+    "1 for the device each loaded index is served from: device=gpu (faiss-gpu clone) or cpu (no GPU, HNSW, "
+    "--use-gpu=false, or a GPU clone that failed and fell back).",
+    ["index", "device"],
+)
+INDEX_NPROBE = Gauge(
+    "searchrl_index_nprobe",
+    "IVF cells visited per query by each loaded IVF index, as searched (after the GPU clamp to 2048).",
+    ["index"],
+)
+
+
+def record_index_device(name: str, on_gpu: bool) -> None:
+    """Sets ``searchrl_index_device_info{index=name}``: 1 for the serving device, the other device's series removed."""
+    device, other = ("gpu", "cpu") if on_gpu else ("cpu", "gpu")
+    with contextlib.suppress(KeyError):
+        INDEX_DEVICE.remove(name, other)
+    INDEX_DEVICE.labels(name, device).set(1)
 
 
 def _faiss() -> Any:
@@ -122,6 +150,8 @@ class IndexManifest(BaseModel):
     created_at: str = ""
     index_file: str = INDEX_FILE
     build_seconds: float = 0.0
+    encoder_dir: str = ""  # "model" when the encoder is stored in the index directory (empty: load by name)
+    embedding_model_source: str = ""  # the --model the build was given (hub name or path)
 
 
 def read_manifest(index_dir: str | Path) -> IndexManifest:
@@ -217,10 +247,47 @@ def _set_search_param(index: Any, name: str, value: int, on_gpu: bool) -> None:
         space.set_index_parameter(index, name, value)
 
 
-def to_gpu(index: Any) -> tuple[Any, bool]:
+def _ivf_of(index: Any) -> Any | None:
+    """The ``IndexIVF`` inside a CPU index (itself, or under an ``IndexPreTransform``), else ``None``."""
+    faiss = _faiss()
+    try:
+        return faiss.try_extract_index_ivf(index)
+    except (RuntimeError, TypeError):  # not a CPU index (a GPU clone)
+        return None
+
+
+def prepare_for_gpu(index: Any, name: str = "") -> int | None:
+    """Makes a CPU index acceptable to faiss-gpu's cloner, in place; the step :func:`to_gpu` runs before cloning.
+
+    An IVF index's ``nprobe`` above faiss-gpu's limit (``GPU_MAX_SELECTION_K`` = 2048, checked by ``validateNProbe``
+    in ``GpuIndexIVF::copyFrom``) or above its ``nlist`` is clamped (:func:`~searchrl.retriever.gpu.clamp_nprobe`,
+    which logs a warning with the original value).
+
+    Returns:
+        The original ``nprobe`` when it was changed (to restore it if the index stays on CPU), else ``None``.
+    """
+    ivf = _ivf_of(index)
+    if ivf is None:
+        return None
+    original = int(ivf.nprobe)
+    clamped = gpu_checks.clamp_nprobe(original, int(ivf.nlist), name or "index")
+    if clamped == original:
+        return None
+    ivf.nprobe = clamped
+    return original
+
+
+def to_gpu(index: Any, name: str = "") -> tuple[Any, bool]:
     """Clones ``index`` to all GPUs (float16, sharded) when faiss-gpu sees a GPU; returns ``(index, on_gpu)``.
 
-    HNSW indexes, and hosts without GPUs, keep the CPU index.
+    HNSW indexes, and hosts without GPUs, keep the CPU index. Before cloning, :func:`prepare_for_gpu` clamps IVF
+    ``nprobe`` to 2048. A clone that faiss rejects with an exception (e.g. IVF-PQ codes of other than 8 bits) keeps
+    the CPU index, with its original ``nprobe``, and logs a warning.
+
+    Raises:
+        FailedPrecondition: a visible GPU has a compute capability the installed faiss has no code for
+            (:func:`searchrl.retriever.gpu.check_faiss_gpu_code`); faiss would abort the process on its first
+            kernel, so the load is refused instead.
     """
     faiss = _faiss()
     ngpu = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
@@ -229,12 +296,16 @@ def to_gpu(index: Any) -> tuple[Any, bool]:
     if isinstance(index, faiss.IndexHNSW):
         log.info("HNSW has no FAISS GPU implementation; keeping it on CPU")
         return index, False
+    gpu_checks.check_faiss_gpu_code(gpu_checks.faiss_cuda_archs(), gpu_checks.cuda_devices())
+    original_nprobe = prepare_for_gpu(index, name)
     co = faiss.GpuMultipleClonerOptions()
     co.useFloat16 = True  # float16 vectors (flat) / lookup tables (IVF-PQ): half the GPU memory
     co.shard = True  # split the vectors over the GPUs instead of replicating them
     try:
         gpu_index = faiss.index_cpu_to_all_gpus(index, co=co)
     except RuntimeError as exc:  # e.g. IVF-PQ codes of other than 8 bits have no GPU kernel
+        if original_nprobe is not None:
+            _ivf_of(index).nprobe = original_nprobe  # the CPU index has no nprobe limit
         log.warning("could not clone the index to GPU (%s); serving it from CPU", str(exc).splitlines()[0])
         return index, False
     log.info("index cloned to %d GPU(s), float16, sharded", ngpu)
@@ -467,8 +538,12 @@ def build_index(
     progress: bool = True,
     on_shard: Callable[[int], None] | None = None,
     torch_threads: int = 0,
+    allow_download: bool = False,
 ) -> BuildReport:
     """Builds an index directory from a corpus; rerunning resumes (finished shards and the store are reused).
+
+    The encoder is saved into ``out_dir/model`` (sentence-transformers ``save``, float32) and recorded in the
+    manifest (``encoder_dir``), so that serving the directory needs neither the model hub nor ``model``'s path.
 
     Args:
         corpus: ``"wiki"``, a FlashRAG jsonl or a parquet path (see :func:`searchrl.retriever.corpus.iter_corpus`).
@@ -484,12 +559,16 @@ def build_index(
         progress: progress bars.
         on_shard: callback after each embedding shard (see :func:`embed_store`).
         torch_threads: torch intra-op threads (``<= 0``: torch's default).
+        allow_download: let sentence-transformers download ``model`` from the Hugging Face Hub when it is not in the
+            local cache (``--allow-download``); off: offline, as the services run.
 
     Returns:
         A :class:`BuildReport`.
 
     Raises:
         InvalidRequest: unknown index type or corpus, bad parameters, empty corpus.
+        FailedPrecondition: the model cannot be loaded (offline and not cached: the message names
+            ``--allow-download``).
     """
     if index_type not in INDEX_TYPES:
         raise InvalidRequest(f"unknown index type {index_type!r}: expected one of {', '.join(INDEX_TYPES)}")
@@ -500,7 +579,7 @@ def build_index(
     if store.size == 0:
         raise InvalidRequest(f"corpus {corpus!r} has no passages")
     if encoder is None:
-        encoder = Encoder(model, torch_threads=torch_threads)
+        encoder = Encoder(model, torch_threads=torch_threads, allow_download=allow_download)
     elif not same_model(encoder.name, model):
         raise InvalidRequest(f"encoder {encoder.name!r} is not the requested model {model!r}")
     emb_dir = Path(embeddings_dir) if embeddings_dir else out / "embeddings"
@@ -511,6 +590,7 @@ def build_index(
     tmp = out / (INDEX_FILE + ".tmp")
     faiss.write_index(index, str(tmp))
     os.replace(tmp, out / INDEX_FILE)
+    encoder.save(out / ENCODER_DIR)
     seconds = time.perf_counter() - t0
     manifest = IndexManifest(
         embedding_model=encoder.name,
@@ -529,6 +609,8 @@ def build_index(
         faiss_version=faiss.__version__,
         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         build_seconds=round(seconds, 2),
+        encoder_dir=ENCODER_DIR,
+        embedding_model_source=str(model),
     )
     (out / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2))
     store.close()
@@ -548,6 +630,9 @@ class LoadedIndex:
         encoder: the query encoder.
         manifest: the manifest (synthesised for raw Search-R1 indexes).
         on_gpu: whether the index lives on GPU.
+        name: the index's label in metrics and logs (the index directory's or raw index file's name).
+        nlist: IVF cells (0 for other index types).
+        nprobe: IVF cells visited per query, as searched (0 for other index types).
     """
 
     def __init__(
@@ -558,6 +643,9 @@ class LoadedIndex:
         manifest: IndexManifest,
         on_gpu: bool,
         params: IndexParams,
+        name: str = "index",
+        nlist: int = 0,
+        nprobe: int = 0,
     ) -> None:
         self.index = index
         self.store = store
@@ -565,6 +653,9 @@ class LoadedIndex:
         self.manifest = manifest
         self.on_gpu = on_gpu
         self.params = params
+        self.name = name
+        self.nlist = nlist
+        self.nprobe = nprobe
         self.dimension = int(index.d)
         self.size = int(index.ntotal)
 
@@ -574,9 +665,19 @@ class LoadedIndex:
         return f"{self.manifest.corpus_checksum[:16]}:{self.manifest.embedding_model}:{self.manifest.index_type}"
 
     def set_search_params(self, nprobe: int = 0, ef_search: int = 0) -> None:
-        """Sets IVF ``nprobe`` / HNSW ``efSearch`` (0 keeps the current value)."""
+        """Sets IVF ``nprobe`` / HNSW ``efSearch`` (0 keeps the current value).
+
+        On a GPU index ``nprobe`` is clamped to 2048 and to ``nlist`` first
+        (:func:`~searchrl.retriever.gpu.clamp_nprobe`, warning logged): faiss-gpu's ``GpuParameterSpace`` stores any
+        value, and every later search would then throw in ``validateNProbe`` (or abort past ``nlist``).
+        """
         if nprobe > 0:
+            if self.on_gpu:
+                nprobe = gpu_checks.clamp_nprobe(nprobe, self.nlist, self.name)
             _set_search_param(self.index, "nprobe", nprobe, self.on_gpu)
+            if self.nlist > 0:
+                self.nprobe = nprobe
+                INDEX_NPROBE.labels(self.name).set(nprobe)
         if ef_search > 0:
             _set_search_param(self.index, "efSearch", ef_search, self.on_gpu)
 
@@ -678,8 +779,10 @@ def load_index(
     if int(index.ntotal) != store.size or store.size != manifest.size:
         raise FailedPrecondition(f"{d}: index has {index.ntotal} vectors, store {store.size}, manifest {manifest.size}")
     if encoder is None:
+        stored = stored_encoder_dir(d, manifest)
         encoder = Encoder(
-            embedding_model or manifest.embedding_model,
+            manifest.embedding_model if stored else embedding_model or manifest.embedding_model,
+            model_path=str(stored) if stored else None,
             torch_threads=torch_threads,
             query_dtype=query_dtype,
             encode_workers=encode_workers,
@@ -689,8 +792,23 @@ def load_index(
     _check_dimension(index, encoder, str(d))
     params = IndexParams(**{k: v for k, v in manifest.build_params.items() if k in IndexParams.__dataclass_fields__})
     return _finish_load(
-        index, store, encoder, manifest, use_gpu, nprobe or params.nprobe, ef_search or params.ef_search, params
+        index,
+        store,
+        encoder,
+        manifest,
+        use_gpu,
+        nprobe or params.nprobe,
+        ef_search or params.ef_search,
+        params,
+        name=d.resolve().name,
     )
+
+
+def stored_encoder_dir(index_dir: str | Path, manifest: IndexManifest | None = None) -> Path | None:
+    """``<index_dir>/model`` (or the manifest's ``encoder_dir``) when it holds a sentence-transformers model, else
+    ``None`` (indexes built before the encoder was stored: the model is loaded by name)."""
+    d = Path(index_dir) / ((manifest.encoder_dir if manifest else "") or ENCODER_DIR)
+    return d if (d / "modules.json").is_file() else None
 
 
 def _finish_load(
@@ -702,11 +820,19 @@ def _finish_load(
     nprobe: int,
     ef_search: int,
     params: IndexParams,
+    name: str,
 ) -> LoadedIndex:
+    cpu_index = index  # keeps the CPU index (and ``cpu_ivf``, a non-owning view of it) alive in this function
+    cpu_ivf = _ivf_of(cpu_index)
     on_gpu = False
     if use_gpu is not False:
-        index, on_gpu = to_gpu(index)
-    loaded = LoadedIndex(index, store, encoder, manifest, on_gpu, params)
+        index, on_gpu = to_gpu(cpu_index, name)  # clamps cpu_ivf.nprobe before cloning (restored if it stays on CPU)
+    nlist = int(cpu_ivf.nlist) if cpu_ivf is not None else 0
+    current = int(cpu_ivf.nprobe) if cpu_ivf is not None else 0
+    loaded = LoadedIndex(index, store, encoder, manifest, on_gpu, params, name=name, nlist=nlist, nprobe=current)
+    record_index_device(name, on_gpu)
+    if nlist > 0:
+        INDEX_NPROBE.labels(name).set(current)
     loaded.set_search_params(nprobe, ef_search)
     return loaded
 
@@ -785,7 +911,9 @@ def load_raw_index(
         faiss_version=_faiss().__version__,
         index_file=str(Path(index_path).resolve()),
     )
-    return _finish_load(index, store, encoder, manifest, use_gpu, nprobe, ef_search, IndexParams())
+    return _finish_load(
+        index, store, encoder, manifest, use_gpu, nprobe, ef_search, IndexParams(), name=Path(index_path).name
+    )
 
 
 # --------------------------------------------------------------------------------------------------- recall, memory

@@ -38,11 +38,11 @@ class RetrieverConfig(ServerConfig):
     metrics_port: int = field(9092, help="Prometheus /metrics HTTP port; 0 picks a free port, -1 disables.")
     http_port: int = field(
         8000,
-        help="Search-R1/FlashRAG-compatible HTTP port (/retrieve, /search, /batch_search, /health); 0 picks a free port, -1 disables.",
+        help="Search-R1/FlashRAG-compatible HTTP port (/retrieve, /search, /batch_search, /health); 0 picks a free port, -1 disables. Uses the gRPC port's bearer token (all routes but /health) and TLS certificate.",
     )
     index_dir: str = field(
         "",
-        help="Index directory from 'searchrl index build'; 'wiki' or 'wiki:<type>' = the bundled Wikipedia index (built on first use).",
+        help="Index directory from 'searchrl index build' (its encoder is loaded from DIR/model, offline, when present); 'wiki' or 'wiki:<type>' = the bundled Wikipedia index (built on first use).",
     )
     index_path: str = field(
         "",
@@ -50,7 +50,8 @@ class RetrieverConfig(ServerConfig):
     )
     corpus_path: str = field("", help="Corpus jsonl of --index-path (row i = FAISS id i).")
     embedding_model: str = field(
-        "", help="Embedding model name or path; empty: the manifest's. Must match the manifest."
+        "",
+        help="Embedding model name or path; empty: the manifest's. Must match the manifest; an --index-dir that stores its encoder (DIR/model) is queried with that copy.",
     )
     max_batch_size: int = field(1024, help="Max queries per request.")
     max_top_k: int = field(100, help="Max top-k per request.")
@@ -62,7 +63,10 @@ class RetrieverConfig(ServerConfig):
     )
     nprobe: int = field(0, help="IVF cells visited per query (0: the build-time value).")
     ef_search: int = field(0, help="HNSW efSearch (0: the build-time value).")
-    use_gpu: bool = field(True, help="Put the index on the GPUs when faiss-gpu sees any (float16, sharded).")
+    use_gpu: bool = field(
+        True,
+        help="Put the index on the GPUs when faiss-gpu sees any (float16, sharded; IVF nprobe clamped to 2048). A GPU the installed faiss has no code for is refused at start-up.",
+    )
     mmap_index: bool = field(False, help="Memory-map the index file instead of reading it (flat/IVF).")
     torch_threads: int = field(
         1,
@@ -180,18 +184,29 @@ async def build_engine(config: RetrieverConfig):  # noqa: ANN201 - RetrievalEngi
 
 async def build(config: RetrieverConfig):  # noqa: ANN201 - (specs, cleanup) for run_service
     """``run_service`` factory: engine, gRPC servicer, and the HTTP API on the same loop."""
-    from searchrl.retriever.http import HttpApi
+    from searchrl.retriever.http import HttpApi, server_ssl_context
 
+    ssl_context = (
+        server_ssl_context(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
+        if config.http_port >= 0
+        else None
+    )  # read before the slow index load, so a bad TLS file fails fast
     engine = await build_engine(config)
     http: HttpApi | None = None
     if config.http_port >= 0:
-        http = HttpApi(engine, max_body_mb=config.max_message_mb)
+        http = HttpApi(
+            engine, max_body_mb=config.max_message_mb, token=config.resolved_token(), ssl_context=ssl_context
+        )
         try:
             port = await http.start(config.host, config.http_port)
         except OSError as exc:
             await engine.close()
             raise OSError(f"could not bind HTTP port {config.host}:{config.http_port}: {exc.strerror or exc}") from None
-        print(f"HTTP retriever http://{config.host}:{port} (/retrieve, /search, /batch_search, /health)", flush=True)
+        auth = " bearer-token" if config.resolved_token() else ""
+        print(
+            f"HTTP retriever {http.scheme}://{config.host}:{port} (/retrieve, /search, /batch_search, /health){auth}",
+            flush=True,
+        )
 
     async def cleanup() -> None:
         if http is not None:

@@ -163,6 +163,7 @@ def test_embedding_shards_resume_after_interruption(tmp_path: Path, encoder) -> 
     mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "embeddings").glob("shard_*.npy")}
     report = ix.build_index(str(corpus), out, encoder=encoder, shard_size=8, progress=False)
     assert (report.shards_computed, report.shards_skipped) == (1, 2)
+    assert ix.stored_encoder_dir(out) == out / "model" and report.manifest.encoder_dir == "model"
     assert {p: (out / "embeddings" / p).stat().st_mtime_ns for p in mtimes} == mtimes  # finished shards untouched
     fresh = ix.build_index(str(corpus), tmp_path / "fresh", encoder=encoder, shard_size=8, progress=False)
     assert fresh.shards_computed == 3

@@ -146,6 +146,16 @@ async def test_concurrent_clients_are_micro_batched_and_metrics_exported(server)
     assert cache[("retriever", "hit")] >= 2 and cache[("retriever", "miss")] >= 2
 
 
+def test_metrics_say_which_device_serves_the_index(server, index_dirs) -> None:  # noqa: ANN001
+    from prometheus_client.parser import text_string_to_metric_families
+
+    proc, _ = server
+    with urllib.request.urlopen(f"http://127.0.0.1:{proc.metrics_port}/metrics") as r:
+        families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+    samples = [(s.labels, s.value) for s in families["searchrl_index_device_info"].samples]
+    assert samples == [({"index": Path(index_dirs["flat"]).resolve().name, "device": "cpu"}, 1.0)]
+
+
 def _serve(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
     cmd = [
         sys.executable,
