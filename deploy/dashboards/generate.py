@@ -338,7 +338,7 @@ def training_dashboard() -> dashboard.Dashboard:
             "Guards tripped",
             "none",
             _q(f"sum by (guard) (searchrl_train_guard_tripped{{{run}}})", "{{guard}}"),
-            "reward_collapse, no_search and kl_explosion: 1 when tripped on the last step.",
+            "reward_collapse, no_search, kl_explosion and search_failure: 1 when tripped on the last step.",
         )
     )
     d = d.with_row(dashboard.Row("Learning"))
@@ -357,6 +357,15 @@ def training_dashboard() -> dashboard.Dashboard:
             "none",
             _q(f"searchrl_train_searches_per_episode{{{run}}}", "{{pod}}"),
             desc="0 for long: the tool-call parser or the search backend is broken (alert SearchRLNoSearches).",
+        )
+    )
+    d = d.with_panel(
+        _ts(
+            "Failed searches",
+            "percentunit",
+            _q(f"searchrl_train_search_failure_ratio{{{run}}}", "{{pod}}"),
+            desc="Share of the last step's searches that failed or timed out (alert SearchRLSearchFailures; the "
+            "trainer stops past SEARCHRL_MAX_SEARCH_FAILURE_RATIO).",
         )
     )
     d = d.with_panel(

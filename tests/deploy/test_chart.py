@@ -7,6 +7,7 @@ with the real helm binary and assert on the objects with pytest.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,12 @@ def test_no_secret_value_is_rendered_in_plain_text(render):
                     assert isinstance(value, dict) and "secretKeyRef" in value, f"{key} of {c['name']} is plain text"
             assert "requirepass" not in " ".join(c.get("command", [])), "password on a command line"
             if "SEARCHRL_REDIS_URL" in env:
-                assert "$(SEARCHRL_REDIS_PASSWORD)" in env["SEARCHRL_REDIS_URL"]
+                # #35: the password reaches the services as SEARCHRL_REDIS_PASSWORD (redis_password), never inside
+                # the URL: unescaped URL-reserved characters would break it, and the services log the URL.
+                url = env["SEARCHRL_REDIS_URL"]
+                assert "@" not in url and "$(" not in url, url
+                if "SEARCHRL_REDIS_PASSWORD" in env:
+                    assert "secretKeyRef" in env["SEARCHRL_REDIS_PASSWORD"]
 
 
 # ------------------------------------------------------------------------------------------------ services
@@ -113,10 +119,14 @@ def test_each_service_has_deployment_headless_service_and_grpc_probes(render):
 
 def test_cpu_services_autoscale_on_cpu(render):
     objs = render()
-    hpa = one(objs, "HorizontalPodAutoscaler", "searchrl-retriever")
+    hpa = one(objs, "HorizontalPodAutoscaler", "searchrl-reward")
     assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
-    assert "replicas" not in one(objs, "Deployment", "searchrl-retriever")["spec"], "HPA owns replicas"
+    assert "replicas" not in one(objs, "Deployment", "searchrl-reward")["spec"], "HPA owns replicas"
     assert not find(objs, "ScaledObject")
+    # The default index volume is ReadWriteOnce: one retriever, replaced without a surge pod (#11).
+    retriever = one(objs, "Deployment", "searchrl-retriever")
+    assert retriever["spec"]["replicas"] == 1 and not find(objs, "HorizontalPodAutoscaler", "searchrl-retriever")
+    assert retriever["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0
 
 
 def test_gpu_values_request_gpus_and_target_the_gpu_pool(render):
@@ -133,18 +143,23 @@ def test_gpu_values_request_gpus_and_target_the_gpu_pool(render):
         assert dep["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0
     sim = pod(one(objs, "Deployment", "searchrl-simulator"))["containers"][0]
     assert "--engine=vllm" in sim["args"] and "--model=Qwen/Qwen2.5-14B-Instruct" in sim["args"]
-    # GPU services scale on in-flight requests (HPA custom metric) or with KEDA, never on CPU.
-    assert one(objs, "HorizontalPodAutoscaler", "searchrl-retriever")["spec"]["metrics"][0]["pods"]["metric"][
-        "name"
-    ] == ("searchrl_grpc_in_flight_requests")
+    # #5: vLLM shards the model over every GPU of the pod, merged with simulator.vllmKwargs.
+    (kw,) = [a.split("=", 1)[1] for a in sim["args"] if a.startswith("--vllm-kwargs=")]
+    assert json.loads(kw) == {"max_model_len": 32768, "tensor_parallel_size": 2}
+    # GPU services scale with KEDA on in-flight requests (#20: no prometheus-adapter needed), never on CPU.
+    for svc in ("retriever", "simulator", "policy"):
+        assert not find(objs, "HorizontalPodAutoscaler", f"searchrl-{svc}")
+        so = one(objs, "ScaledObject", f"searchrl-{svc}")
+        query = so["spec"]["triggers"][0]["metadata"]["query"]
+        assert f'searchrl_grpc_in_flight_requests{{namespace="searchrl", service="{svc}"}}' in query
     so = one(objs, "ScaledObject", "searchrl-simulator")
     assert so["spec"]["minReplicaCount"] == 0
-    queries = [t["metadata"]["query"] for t in so["spec"]["triggers"]]
-    assert 'searchrl_grpc_in_flight_requests{namespace="searchrl", service="simulator"}' in queries[0]
-    assert 'namespace="searchrl"' in queries[1], "extraTriggers go through tpl"
-    assert not find(objs, "HorizontalPodAutoscaler", "searchrl-simulator")
-    # The KubeRay operator subchart is switched on by its condition.
-    assert find(objs, "Deployment", "searchrl-kuberay-operator")
+    assert so["spec"]["triggers"][1] == {
+        "type": "kubernetes-workload",
+        "metadata": {"podSelector": "searchrl.io/search-backend in (simulator,mixed)", "value": "1"},
+    }
+    # #21: most clusters run one KubeRay operator already; gpu-values does not add a second.
+    assert not find(objs, "Deployment", "searchrl-kuberay-operator")
 
 
 def test_tls_switches_probes_to_the_tls_health_check(render):
@@ -179,7 +194,7 @@ def test_external_redis_and_mlflow(render):
     objs = render("external-redis-values.yaml")
     assert not find(objs, "StatefulSet", "searchrl-redis") and not find(objs, "StatefulSet", "searchrl-mlflow")
     env = env_of(pod(one(objs, "Deployment", "searchrl-reward"))["containers"][0])
-    assert env["SEARCHRL_REDIS_URL"] == "rediss://:$(SEARCHRL_REDIS_PASSWORD)@redis.cache.internal.example.com:6380/2"
+    assert env["SEARCHRL_REDIS_URL"] == "rediss://redis.cache.internal.example.com:6380/2"
     assert env["SEARCHRL_REDIS_PASSWORD"]["secretKeyRef"] == {"name": "searchrl-redis", "key": "redis-password"}
     endpoints = one(objs, "ConfigMap", "searchrl-endpoints")["data"]
     assert endpoints["MLFLOW_TRACKING_URI"] == "https://mlflow.internal.example.com"
@@ -229,16 +244,28 @@ def test_retriever_index_volume_and_build_job(render):
     assert spec["initContainers"][0]["name"] == "wait-for-index"
     vols = {v["name"]: v for v in spec["volumes"]}
     assert vols["index"]["persistentVolumeClaim"] == {"claimName": "searchrl-index", "readOnly": True}
-    assert "--index-dir=/index/wiki" in spec["containers"][0]["args"]
+    (index_dir,) = [a.split("=", 1)[1] for a in spec["containers"][0]["args"] if a.startswith("--index-dir=")]
+    assert re.fullmatch(r"/index/wiki-[0-9a-f]{8}", index_dir), index_dir
+    assert spec["initContainers"][0]["args"][1] == index_dir
     pvc = one(objs, "PersistentVolumeClaim", "searchrl-index")
     assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     (job,) = find(objs, "Job")
     jspec = pod(job)
     assert jspec["volumes"][0]["persistentVolumeClaim"]["claimName"] == "searchrl-index"
     assert "searchrl index build" in jspec["containers"][0]["args"][0]
-    # Changing the build settings renames the Job (Jobs are immutable; helm upgrade must create a new one).
-    (other,) = find(render(retriever={"indexBuild": {"indexType": "ivfpq"}}), "Job")
-    assert other["metadata"]["name"] != job["metadata"]["name"]
+    assert env_of(jspec["containers"][0])["INDEX_DIR"] == index_dir, "the Job builds what the retriever serves"
+    # #23: new build settings -> a new Job (Jobs are immutable) writing a new directory, and the Deployment rolls to
+    # it; nothing is replaced under a running retriever.
+    other = render(retriever={"indexBuild": {"indexType": "ivfpq"}})
+    (other_job,) = find(other, "Job")
+    assert other_job["metadata"]["name"] != job["metadata"]["name"]
+    other_args = pod(one(other, "Deployment", "searchrl-retriever"))["containers"][0]["args"]
+    assert f"--index-dir={index_dir}" not in other_args
+    assert env_of(pod(other_job)["containers"][0])["INDEX_DIR"] != index_dir
+    # force rebuilds the same directory with a new Job.
+    (forced,) = find(render(retriever={"indexBuild": {"force": True}}), "Job")
+    assert forced["metadata"]["name"] != job["metadata"]["name"]
+    assert env_of(pod(forced)["containers"][0])["INDEX_DIR"] == index_dir
 
 
 def test_alerts_and_dashboards(render):
@@ -271,6 +298,13 @@ def test_alerts_and_dashboards(render):
         ({"reward": {"keda": {"enabled": True}}}, "not"),
         ({"retriever": {"autoscaling": {"metric": "memory"}}}, "metric"),
         ({"typo": 1}, "typo"),
+        # #7: ReadWriteMany on the cluster's default StorageClass (block storage) stays Pending.
+        ({"trainer": {"checkpoints": {"accessModes": ["ReadWriteMany"]}}}, "storageClass"),
+        ({"retriever": {"index": {"persistence": {"accessModes": ["ReadWriteMany"]}}}}, "storageClass"),
+        # #5: tensor parallelism needs a power-of-2 GPU count.
+        ({"simulator": {"engine": "vllm", "gpu": {"enabled": True, "count": 3}}}, "count"),
+        # #17: histogram_quantile cannot exceed the top finite bucket (600 s).
+        ({"monitoring": {"prometheusRule": {"p99LatencySeconds": {"policy": 900}}}}, "600"),
     ],
 )
 def test_values_schema_rejects_broken_settings(render, sets, message):
@@ -279,35 +313,256 @@ def test_values_schema_rejects_broken_settings(render, sets, message):
     assert message in err.value.stderr
 
 
-def test_rayjobs_match_what_the_chart_provides(render):
-    """The RayJob manifests name the ConfigMap, PVC, ServiceAccount and labels the chart renders for release searchrl."""
-    objs = render()
+RAYJOB_FOLDERS = ["research", "zerosearch", "overlays/research-8gpu", "overlays/zerosearch-8gpu"]
+
+
+def _rayjob_refs_are_provided(job: dict[str, Any], objs: list[dict[str, Any]], tls_secret: str) -> None:
+    """Every object a RayJob pod names exists in the chart render (or is the chart's TLS Secret), with its labels."""
     provided = {(o["kind"], o["metadata"]["name"]) for o in objs}
-    np_labels = one(objs, "NetworkPolicy", "searchrl-services")["spec"]["ingress"][0]["from"][1]["podSelector"][
-        "matchLabels"
-    ]
-    podmon = one(objs, "PodMonitor", "searchrl-trainer")
-    for path in sorted((ROOT / "deploy" / "k8s").glob("*/rayjob.yaml")):
-        job = yaml.safe_load(path.read_text())
-        cluster = job["spec"]["rayClusterSpec"]
-        groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
-        for group in groups:
-            tmpl = group["template"]
-            spec = tmpl["spec"]
-            assert set(np_labels.items()) <= set(tmpl["metadata"]["labels"].items()), path
-            assert ("ServiceAccount", spec["serviceAccountName"]) in provided, path
-            for v in spec["volumes"]:
-                if "persistentVolumeClaim" in v:
-                    assert ("PersistentVolumeClaim", v["persistentVolumeClaim"]["claimName"]) in provided, path
-            for c in spec["containers"]:
-                for src in c.get("envFrom", []):
-                    assert ("ConfigMap", src["configMapRef"]["name"]) in provided, path
-        head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
-        ports = {p["name"]: p["containerPort"] for p in head["ports"]}
-        assert ports[podmon["spec"]["podMetricsEndpoints"][0]["port"]] == 9095
-        workers = cluster["workerGroupSpecs"][0]["template"]["spec"]
-        assert workers["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
-        assert any(t["key"] == "nvidia.com/gpu" for t in workers["tolerations"])
-        assert job["spec"]["entrypoint"].startswith(
-            "python3 -m verl.trainer.main_ppo --config-path=/app/trainer/config"
+    endpoints = next(o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-endpoints"))
+    np_labels = next(o for o in objs if o["kind"] == "NetworkPolicy" and o["metadata"]["name"].endswith("-services"))[
+        "spec"
+    ]["ingress"][0]["from"][1]["podSelector"]["matchLabels"]
+    (podmon,) = find(objs, "PodMonitor")
+    name = job["metadata"]["name"]
+    cluster = job["spec"]["rayClusterSpec"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        tmpl = group["template"]
+        spec = tmpl["spec"]
+        assert set(np_labels.items()) <= set(tmpl["metadata"]["labels"].items()), name
+        assert set(podmon["spec"]["selector"]["matchLabels"].items()) <= set(tmpl["metadata"]["labels"].items()), name
+        assert ("ServiceAccount", spec["serviceAccountName"]) in provided, name
+        vols = {v["name"]: v for v in spec["volumes"]}
+        for v in spec["volumes"]:
+            if "persistentVolumeClaim" in v:
+                assert ("PersistentVolumeClaim", v["persistentVolumeClaim"]["claimName"]) in provided, name
+        # #19: the token Secret is the one the release names, referenced without `optional` (a missing Secret must
+        # stop the pod, not silently send no token).
+        auth = vols["auth"]["secret"]
+        assert auth["secretName"] == endpoints["data"]["SEARCHRL_AUTH_SECRET"], name
+        assert auth["items"] == [{"key": endpoints["data"]["SEARCHRL_AUTH_SECRET_KEY"], "path": "token"}], name
+        assert not auth.get("optional"), name
+        assert ("Secret", auth["secretName"]) in provided or auth["secretName"] == endpoints["data"].get(
+            "SEARCHRL_AUTH_SECRET"
         )
+        assert vols["tls"]["secret"]["secretName"] == tls_secret, name
+        for c in spec["containers"]:
+            assert [src["configMapRef"]["name"] for src in c["envFrom"]] == [endpoints["metadata"]["name"]], name
+            ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+            # #9: the PodMonitor's port on every pod of the RayJob.
+            assert ports.get(podmon["spec"]["podMetricsEndpoints"][0]["port"]) == 9095, (name, c["name"])
+            mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+            assert mounts["tls"] == "/etc/searchrl/tls" and mounts["auth"] == "/etc/searchrl/auth", name
+    workers = cluster["workerGroupSpecs"][0]["template"]["spec"]
+    assert workers["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+    assert any(t["key"] == "nvidia.com/gpu" for t in workers["tolerations"])
+
+
+def test_rayjobs_match_what_the_chart_provides(render, kustomize):
+    """The RayJob manifests name the ConfigMap, PVC, ServiceAccount, Secrets and labels the chart renders for the
+    release "searchrl" (ci/gpu-values.yaml: TLS Secret searchrl-tls)."""
+    objs = render("gpu-values.yaml")
+    for folder in RAYJOB_FOLDERS:
+        (job,) = kustomize(folder)
+        _rayjob_refs_are_provided(job, objs, "searchrl-tls")
+
+
+def test_release_component_points_the_rayjobs_at_another_release(tools, deploy_paths, kustomize, tmp_path):
+    """#19/#25: deploy/k8s/components/release (+ image-pull-secret) adapt a preset to a release named team-a, its
+    Secrets and a private registry; every name then matches what `helm install team-a` renders."""
+    values = tmp_path / "values.yaml"
+    values.write_text(
+        yaml.safe_dump(
+            {
+                "global": {"tls": {"enabled": True, "existingSecret": "team-a-tls"},
+                           "imagePullSecrets": ["registry-credentials"]},
+                "trainer": {"checkpoints": {"storageClass": "efs-sc", "accessModes": ["ReadWriteMany"]}},
+            }
+        )
+    )  # fmt: skip
+    proc = subprocess.run(
+        [tools["helm"], "template", "team-a", str(deploy_paths["chart"]), "-n", "team-a", "-f", str(values)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    objs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    assert find(objs, "ConfigMap", "team-a-searchrl-endpoints")
+    (job,) = kustomize("overlays/example-release")
+    _rayjob_refs_are_provided(job, objs, "team-a-tls")
+    cluster = job["spec"]["rayClusterSpec"]
+    for spec in (
+        cluster["headGroupSpec"]["template"]["spec"],
+        cluster["workerGroupSpecs"][0]["template"]["spec"],
+        job["spec"]["submitterPodTemplate"]["spec"],
+    ):
+        assert spec["imagePullSecrets"] == [{"name": "registry-credentials"}]
+    # The defaults of the presets are the names of release "searchrl": no leftover of them after the component.
+    assert "searchrl-endpoints" not in yaml.safe_dump(job).replace("team-a-searchrl-endpoints", "")
+
+
+# ------------------------------------------------------------------------------ deploy review, MED/LOW findings
+
+
+def test_policy_dials_its_search_backends_with_tls_and_the_token(render):
+    """#10: the policy is a client of the retriever/simulator; it gets the client env ChannelOptions.from_env reads."""
+    spec = pod(one(render("gpu-values.yaml"), "Deployment", "searchrl-policy"))
+    env = env_of(spec["containers"][0])
+    assert env["SEARCHRL_TLS"] == "true"
+    assert env["SEARCHRL_TLS_CA_FILE"] == "/etc/searchrl/tls/ca.crt"
+    assert env["SEARCHRL_AUTH_TOKEN_FILE"] == "/etc/searchrl/auth/token"
+    mounts = {m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
+    assert {"/etc/searchrl/tls", "/etc/searchrl/auth"} <= mounts
+    names = [e["name"] for e in spec["containers"][0]["env"]]
+    assert len(names) == len(set(names)), "duplicate env entries"
+    mtls = env_of(pod(one(render("gpu-values.yaml", global__tls__clientAuth=True), "Deployment", "searchrl-policy"))[
+        "containers"][0])  # fmt: skip
+    assert mtls["SEARCHRL_TLS_CLIENT_CERT_FILE"] == "/etc/searchrl/tls/tls.crt"
+    assert mtls["SEARCHRL_TLS_CLIENT_KEY_FILE"] == "/etc/searchrl/tls/tls.key"
+    plain = env_of(pod(one(render(), "Deployment", "searchrl-policy"))["containers"][0])
+    assert plain["SEARCHRL_TLS"] == "false" and "SEARCHRL_AUTH_TOKEN_FILE" not in plain
+
+
+def test_retriever_http_port_carries_the_services_auth(render, helm_notes):
+    """#16: the Search-R1 HTTP port stays on with auth/TLS because the retriever enforces the same bearer token (and
+    serves HTTPS with the same certificate) from the same settings; the loopback check is in test_offline_checks."""
+    c = pod(one(render("gpu-values.yaml"), "Deployment", "searchrl-retriever"))["containers"][0]
+    env = env_of(c)
+    assert "--http-port=8000" in c["args"]
+    assert env["SEARCHRL_AUTH_TOKEN_FILE"] == "/etc/searchrl/auth/token"
+    assert env["SEARCHRL_TLS_CERT_FILE"] == "/etc/searchrl/tls/tls.crt"
+    notes = helm_notes("gpu-values.yaml")
+    assert "https://searchrl-retriever.searchrl.svc:8000/retrieve" in notes and "Bearer" in notes
+
+
+def test_gpu_pods_keep_compiler_caches_on_writable_volumes(render):
+    """#8 (chart side): with readOnlyRootFilesystem, Triton's ~/.triton and ~/.config must point at a volume."""
+    for w in workloads(render("gpu-values.yaml")):
+        for c in pod(w)["containers"]:
+            if not c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu") or w["kind"] != "Deployment":
+                continue
+            env = env_of(c)
+            mounts = [m["mountPath"] for m in c["volumeMounts"]]
+            for var in ("TRITON_HOME", "XDG_CONFIG_HOME"):
+                assert any(env[var].startswith(m) for m in mounts), (w["metadata"]["name"], var, env.get(var))
+
+
+def test_index_build_waits_for_its_corpus_and_the_retriever_for_the_index_with_deadlines(render):
+    """#22: a missing corpus or index fails with a message after a deadline instead of waiting silently forever."""
+    objs = render("gpu-values.yaml")
+    (job,) = find(objs, "Job")
+    c = pod(job)["containers"][0]
+    assert int(env_of(c)["CORPUS_WAIT_SECONDS"]) > 0
+    assert "waiting for the corpus" in c["args"][0] and "exit 3" in c["args"][0]
+    init = pod(one(objs, "Deployment", "searchrl-retriever"))["initContainers"][0]
+    assert "sys.exit(1)" in init["args"][0] and "deadline" in init["args"][0]
+    assert int(init["args"][2]) >= job["spec"]["activeDeadlineSeconds"], "the retriever outwaits the build"
+
+
+def test_kuberay_operator_watches_only_the_release_namespace(render):
+    """#21: the bundled operator must not reconcile RayJobs of another operator's namespaces."""
+    objs = render(**{"kuberay-operator": {"enabled": True}})
+    args = pod(one(objs, "Deployment", "searchrl-kuberay-operator"))["containers"][0]["args"]
+    assert "--watch-namespace=searchrl" in args
+    wide = render(**{"kuberay-operator": {"enabled": True, "watchAllNamespaces": True}})
+    assert not any(a.startswith("--watch-namespace") for a in pod(one(wide, "Deployment", "searchrl-kuberay-operator"))[
+        "containers"][0]["args"])  # fmt: skip
+
+
+def test_mlflow_admits_only_the_release_and_its_clients(render):
+    """#26: MLflow has no auth; a NetworkPolicy limits who can read and write runs."""
+    objs = render("gpu-values.yaml")
+    np = one(objs, "NetworkPolicy", "searchrl-mlflow")
+    mlflow_labels = pod(one(objs, "StatefulSet", "searchrl-mlflow"))
+    assert np["spec"]["podSelector"]["matchLabels"].items() <= one(objs, "StatefulSet", "searchrl-mlflow")["spec"][
+        "template"]["metadata"]["labels"].items()  # fmt: skip
+    peers = np["spec"]["ingress"][0]["from"]
+    assert {"podSelector": {"matchLabels": {"searchrl.io/client": "true"}}} in peers
+    assert {"podSelector": {"matchLabels": {"app.kubernetes.io/instance": "searchrl"}}} in peers
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "research-team"}}} in peers
+    assert len(peers) == 3 and mlflow_labels
+    assert not find(render(networkPolicy={"enabled": False}), "NetworkPolicy", "searchrl-mlflow")
+
+
+def test_policy_can_mount_the_checkpoints_read_only(render, helm_notes):
+    """#27: LoadWeights needs the RayJob checkpoints; NOTES give the FSDP merge step."""
+    spec = pod(one(render("gpu-values.yaml"), "Deployment", "searchrl-policy"))
+    vols = {v["name"]: v for v in spec["volumes"]}
+    assert vols["checkpoints"]["persistentVolumeClaim"] == {"claimName": "searchrl-checkpoints", "readOnly": True}
+    mounts = {m["name"]: m for m in spec["containers"][0]["volumeMounts"]}
+    assert mounts["checkpoints"] == {"name": "checkpoints", "mountPath": "/checkpoints", "readOnly": True}
+    assert "python -m verl.model_merger merge --backend fsdp" in helm_notes("gpu-values.yaml")
+    assert "checkpoints" not in {v["name"] for v in pod(one(render(), "Deployment", "searchrl-policy"))["volumes"]}
+    with pytest.raises(subprocess.CalledProcessError) as err:
+        render(policy={"checkpoints": {"enabled": True}})  # the default claim is ReadWriteOnce
+    assert "ReadWriteMany" in err.value.stderr
+
+
+def _quantity(q: Any) -> float:
+    units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9}
+    m = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(q))
+    assert m, q
+    return float(m.group(1)) * units.get(m.group(2), 1)
+
+
+def test_cpu_only_values_fit_a_small_node(render):
+    """#28: "fits a laptop-sized cluster": every pod that starts on install (at its minimum replica count, the index
+    Job included) fits a 4-CPU / 8-GiB node."""
+    objs = render("cpu-only-values.yaml")
+    hpa_min = {
+        o["spec"]["scaleTargetRef"]["name"]: o["spec"]["minReplicas"] for o in find(objs, "HorizontalPodAutoscaler")
+    }
+    cpu = mem = 0.0
+    for w in workloads(objs):
+        n = hpa_min.get(w["metadata"]["name"], w["spec"].get("replicas", 1))
+        for c in pod(w)["containers"]:
+            req = c["resources"].get("requests", {})
+            cpu += n * _quantity(req.get("cpu", 0))
+            mem += n * _quantity(req.get("memory", 0))
+    assert cpu <= 3.5 and mem <= 7 * 2**30, f"requests {cpu:.2f} CPU, {mem / 2**30:.2f} GiB"
+
+
+def test_gpu_engines_have_a_startup_budget_for_a_cold_cache(render):
+    """#30: a 14B/7B engine downloads 15-30 GB into an empty cache, then captures CUDA graphs: 30 minutes."""
+    for svc in ("simulator", "policy"):
+        c = pod(one(render("gpu-values.yaml"), "Deployment", f"searchrl-{svc}"))["containers"][0]
+        budget = c["startupProbe"]["failureThreshold"] * c["startupProbe"]["periodSeconds"]
+        assert budget >= 1800, (svc, budget)
+
+
+def test_volume_ownership_is_documented_and_cheap(render, deploy_paths):
+    """#29: fsGroupChangePolicy OnRootMismatch (no recursive chown of a big index), and the NFS caveat documented."""
+    for w in workloads(render("gpu-values.yaml")):
+        if w["metadata"]["name"].startswith("searchrl-") and "redis" not in w["metadata"]["name"] \
+                and "mlflow" not in w["metadata"]["name"]:  # fmt: skip
+            assert pod(w)["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch", w["metadata"]["name"]
+    values = (deploy_paths["chart"] / "values.yaml").read_text()
+    assert "ignore fsGroup" in values and "access point" in values
+
+
+def test_dashboard_folder_needs_the_sidecar_setting(helm_notes, deploy_paths):
+    """#36: the grafana_folder annotation only works with sidecar.dashboards.folderAnnotation set."""
+    assert "folderAnnotation=grafana_folder" in helm_notes()
+    assert "folderAnnotation=grafana_folder" in (deploy_paths["chart"] / "values.yaml").read_text()
+
+
+def test_file_paths_in_notes_and_comments_exist(helm_notes, deploy_paths):
+    """#31: every repository path that NOTES.txt, the trainer presets' and tool configs' comments, the RayJob and
+    overlay comments point to exists."""
+    root = deploy_paths["root"]
+    texts = {"NOTES.txt": helm_notes() + helm_notes("gpu-values.yaml")}
+    for pattern in ("trainer/config/*.yaml", "trainer/config/tools/*.yaml"):
+        for path in root.glob(pattern):
+            texts[str(path.relative_to(root))] = "\n".join(
+                line for line in path.read_text().splitlines() if line.lstrip().startswith("#")
+            )
+    for path in list(deploy_paths["k8s"].rglob("*.yaml")) + [deploy_paths["chart"] / "values.yaml"]:
+        texts[str(path)] = path.read_text()
+    missing = []
+    for where, text in texts.items():
+        for ref in re.findall(r"(?<![\w/.-])((?:deploy|trainer|tests)/[\w./*-]+[\w*])", text):
+            if "*" in ref or "<" in ref:
+                if not list(root.glob(ref)):
+                    missing.append((where, ref))
+            elif not (root / ref).exists():
+                missing.append((where, ref))
+    assert not missing, missing

@@ -104,7 +104,11 @@ reward retriever simulator policy
 {{- if or .Values.redis.enabled .Values.redis.external.host }}true{{ end -}}
 {{- end }}
 
-{{/* Env vars giving SEARCHRL_REDIS_URL with the password from a Secret (Kubernetes expands $(SEARCHRL_REDIS_PASSWORD)). */}}
+{{/*
+Env vars for Redis: SEARCHRL_REDIS_URL without credentials and, when a Secret holds the password,
+SEARCHRL_REDIS_PASSWORD from it (the services' redis_password setting; never part of the URL, so a password with
+URL-reserved characters such as # % ? / works and the URL the services log carries no secret).
+*/}}
 {{- define "searchrl.redis.env" -}}
 {{- if include "searchrl.redis.configured" . }}
 {{- $scheme := ternary "rediss" "redis" (and (not .Values.redis.enabled) .Values.redis.external.tls) }}
@@ -114,12 +118,9 @@ reward retriever simulator policy
     secretKeyRef:
       name: {{ include "searchrl.redis.secretName" . }}
       key: {{ include "searchrl.redis.secretKey" . }}
-- name: SEARCHRL_REDIS_URL
-  value: {{ printf "%s://:$(SEARCHRL_REDIS_PASSWORD)@%s:%s/%v" $scheme (include "searchrl.redis.host" .) (include "searchrl.redis.port" .) .Values.redis.db | quote }}
-{{- else }}
+{{- end }}
 - name: SEARCHRL_REDIS_URL
   value: {{ printf "%s://%s:%s/%v" $scheme (include "searchrl.redis.host" .) (include "searchrl.redis.port" .) .Values.redis.db | quote }}
-{{- end }}
 {{- end }}
 {{- end }}
 
@@ -160,4 +161,78 @@ imagePullSecrets:
   - name: {{ if kindIs "map" . }}{{ .name }}{{ else }}{{ . }}{{ end }}
 {{- end }}
 {{- end }}
+{{- end }}
+
+{{/* Names the embedding model can have without a download: the bundled all-MiniLM-L6-v2 (searchrl.assets). */}}
+{{- define "searchrl.bundledEmbeddingModel" -}}
+{{- if has (lower .) (list "all-minilm-l6-v2" "sentence-transformers/all-minilm-l6-v2") }}true{{ end -}}
+{{- end }}
+
+{{/*
+Hash of the index build settings. The index-build Job writes into /index/<index.name>-<hash> and the retriever
+serves from there, so a settings change builds a new directory beside the one in use and rolls the Deployment to it
+(no directory is replaced under a running retriever).
+*/}}
+{{- define "searchrl.indexHash" -}}
+{{- $v := .Values.retriever }}
+{{- printf "%v|%v|%v|%v|%v" $v.index.name $v.indexBuild.corpus $v.indexBuild.indexType $v.embeddingModel $v.indexBuild.extraArgs | sha256sum | trunc 8 -}}
+{{- end }}
+
+{{/* Directory the retriever serves: /index/<name>-<hash> when the chart builds it, else /index/<name>. */}}
+{{- define "searchrl.indexDir" -}}
+{{- if .Values.retriever.indexBuild.enabled -}}
+{{- printf "/index/%s-%s" .Values.retriever.index.name (include "searchrl.indexHash" .) -}}
+{{- else -}}
+{{- printf "/index/%s" .Values.retriever.index.name -}}
+{{- end -}}
+{{- end }}
+
+{{/*
+Client TLS/auth env of a pod that dials searchrl services (read by searchrl.client ChannelOptions.from_env): the CA
+that signed the servers' certificates (ca.crt of the TLS Secret), the client certificate for mTLS (the pod's own
+tls.crt/tls.key) and the bearer-token file. Paths are the mounts the chart's pods and the RayJobs use.
+*/}}
+{{- define "searchrl.clientEnv" -}}
+{{- $g := .Values.global }}
+- name: SEARCHRL_TLS
+  value: {{ $g.tls.enabled | quote }}
+{{- if $g.tls.enabled }}
+- name: SEARCHRL_TLS_CA_FILE
+  value: /etc/searchrl/tls/ca.crt
+{{- if $g.tls.clientAuth }}
+- name: SEARCHRL_TLS_CLIENT_CERT_FILE
+  value: /etc/searchrl/tls/tls.crt
+- name: SEARCHRL_TLS_CLIENT_KEY_FILE
+  value: /etc/searchrl/tls/tls.key
+{{- end }}
+{{- end }}
+{{- if $g.auth.enabled }}
+- name: SEARCHRL_AUTH_TOKEN_FILE
+  value: /etc/searchrl/auth/token
+{{- end }}
+{{- end }}
+
+{{/* Largest replica count a component's Deployment can reach (replicaCount, HPA maxReplicas or KEDA maxReplicaCount). */}}
+{{- define "searchrl.maxReplicas" -}}
+{{- $v := . -}}
+{{- if $v.keda.enabled -}}{{ $v.keda.maxReplicaCount }}
+{{- else if $v.autoscaling.enabled -}}{{ $v.autoscaling.maxReplicas }}
+{{- else -}}{{ $v.replicaCount }}
+{{- end -}}
+{{- end }}
+
+{{/*
+Refuses a claim that cannot work: ReadWriteMany on the cluster's default StorageClass (the EKS/GKE/AKS defaults are
+block storage, ReadWriteOnce only: the claim stays Pending), and a ReadWriteOnce claim that several replicas mount
+(pods on other nodes hit Multi-Attach errors). Call with (dict "what" "retriever.index.persistence" "p" $persistence
+"replicas" N).
+*/}}
+{{- define "searchrl.checkClaim" -}}
+{{- $p := .p -}}
+{{- if and (has "ReadWriteMany" $p.accessModes) (not $p.storageClass) (not $p.existingClaim) -}}
+{{- fail (printf "%s: accessModes ReadWriteMany needs storageClass set to a class that supports it (EFS efs-sc, Filestore standard-rwx, Azure Files azurefile-csi, an NFS provisioner); the cluster's default class is usually ReadWriteOnce only and the claim would stay Pending" .what) -}}
+{{- end -}}
+{{- if and (gt (int .replicas) 1) (not (has "ReadWriteMany" $p.accessModes)) (not (has "ReadOnlyMany" $p.accessModes)) (not $p.existingClaim) -}}
+{{- fail (printf "%s: a %s claim cannot be shared by up to %v replicas (Multi-Attach errors on other nodes): use accessModes [ReadWriteMany] with an RWX storageClass, or cap the replicas (replicaCount / autoscaling.maxReplicas / keda.maxReplicaCount) at 1" .what (join "," $p.accessModes) .replicas) -}}
+{{- end -}}
 {{- end }}
