@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Writes deploy/docker/constraints.txt: the exact versions of the development virtualenv (the ones the test suite
-# ran against), used as a pip constraints file by the CPU images so that an image installs what CI tested.
-# GPU images do not use it: vLLM and SGLang pin their own torch/transformers (see the GPU Dockerfiles).
+# ran against). deploy/docker/lock.py resolves the CPU images' locks and the GPU retriever's with it as constraints,
+# so that those images install what CI tested; run lock.py after this script. The engine images (vLLM, SGLang, verl)
+# do not use it: the engines pin their own torch/transformers.
 #
 # usage: deploy/docker/freeze_constraints.sh [VENV]      (default .venv)
 set -euo pipefail

