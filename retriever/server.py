@@ -164,7 +164,9 @@ async def build_engine(config: RetrieverConfig):  # noqa: ANN201 - RetrievalEngi
         filter_overfetch=config.filter_overfetch,
         faiss_threads=config.faiss_threads,
     )
-    cache = make_cache(config.redis_url, config.cache_ttl_s, in_process=config.in_process_cache)
+    cache = make_cache(
+        config.redis_url, config.cache_ttl_s, in_process=config.in_process_cache, password=config.redis_password or None
+    )
     engine = RetrievalEngine(loaded, limits, cache)
     await engine.start()
     # Warm-up: the first forward pass allocates and picks kernels; do it before reporting SERVING.

@@ -34,6 +34,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
+from searchrl.services.config import redis_password
+
 log = logging.getLogger("searchrl.cache")
 
 CACHE_REQUESTS = Counter(
@@ -102,6 +104,8 @@ class SearchCache:
 
     Args:
         redis_url: e.g. ``redis://127.0.0.1:6379/0`` (``rediss://`` for TLS; a password in the URL is never logged).
+        password: Redis AUTH password, apart from the URL; ``None`` reads ``SEARCHRL_REDIS_PASSWORD``
+            (:func:`searchrl.services.config.redis_password`).
         ttl_s: time to live of an entry, in seconds (> 0).
         namespace: prefix of every Redis key.
         timeout_s: socket connect/read timeout, in seconds; keep it well under the search deadline.
@@ -121,6 +125,7 @@ class SearchCache:
         *,
         timeout_s: float = 0.5,
         retry_after_s: float = 2.0,
+        password: str | None = None,
     ) -> None:
         if ttl_s <= 0:
             raise ValueError(f"ttl_s must be positive, got {ttl_s}")
@@ -131,6 +136,7 @@ class SearchCache:
         # backoff: a search must not wait seconds for a cache.
         self._client = aioredis.Redis.from_url(
             redis_url,
+            password=redis_password(password),
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1),
@@ -271,12 +277,12 @@ class InProcessCache:
 
 
 def make_cache(
-    redis_url: str, ttl_s: int = DEFAULT_TTL_S, *, in_process: bool = False
+    redis_url: str, ttl_s: int = DEFAULT_TTL_S, *, in_process: bool = False, password: str | None = None
 ) -> SearchCache | InProcessCache | None:
     """The cache a service should use: Redis when ``redis_url`` is set, else an :class:`InProcessCache` when the
-    caller opts in with ``in_process``, else ``None`` (no caching)."""
+    caller opts in with ``in_process``, else ``None`` (no caching). ``password``: as in :class:`SearchCache`."""
     if redis_url:
-        return SearchCache(redis_url, ttl_s)
+        return SearchCache(redis_url, ttl_s, password=password)
     if in_process:
         return InProcessCache(ttl_s)
     return None

@@ -5,7 +5,8 @@ Mirrors vLLM's ``EngineArgs``/SGLang's ``ServerArgs``: every field of a config d
 CLI flag > environment variable > dataclass default. The prefix avoids ``<SERVICE>_PORT`` names, which Kubernetes
 service links inject into every pod.
 
-The field's ``metadata["help"]`` is the flag's help text; fields whose metadata has ``secret=True`` are never printed.
+The field's ``metadata["help"]`` is the flag's help text; fields whose metadata has ``secret=True`` are never printed,
+and :func:`redacted` strips the userinfo of any URL-valued field before a config is logged.
 """
 
 from __future__ import annotations
@@ -124,12 +125,41 @@ def from_sources(
     return cls(**kwargs)
 
 
+def redis_password(explicit: str | None = None, environ: Mapping[str, str] | None = None) -> str | None:
+    """The Redis AUTH password for redis-py's ``password=``: ``explicit`` when non-empty, else the
+    ``SEARCHRL_REDIS_PASSWORD`` environment variable (what the chart sets from its Secret), else ``None``.
+
+    The password travels apart from ``redis_url`` so that it is never part of a logged URL and needs no URL escaping
+    (redis-py gives a password inside the URL precedence over this one).
+    """
+    env = os.environ if environ is None else environ
+    return explicit or env.get(env_name("redis_password")) or None
+
+
+def redact_userinfo(value: str) -> str:
+    """A URL with its userinfo (``user:password@``) replaced by ``***@``; any other string unchanged.
+
+    ``redis://:s3cret@redis:6379/0`` -> ``redis://***@redis:6379/0``. Everything between ``://`` and the *last*
+    ``@`` counts as userinfo, so an unescaped ``@``, ``/`` or ``#`` inside a password is redacted too (an ``@`` in a
+    path is over-redacted, which is harmless in a log).
+    """
+    scheme, sep, rest = value.partition("://")
+    if not sep or "@" not in rest:
+        return value
+    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+
+
 def redacted(cfg: Any) -> dict[str, Any]:
-    """The config as a dict for logs, with secret fields replaced by ``'***'`` when set."""
+    """The config as a dict for logs: secret fields that are set become ``'***'``, and every string value that is a
+    URL with userinfo (e.g. ``redis_url`` with a password) has it replaced by ``***`` (:func:`redact_userinfo`)."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
-        out[f.name] = "***" if (f.metadata.get("secret") and v) else v
+        if f.metadata.get("secret") and v:
+            v = "***"
+        elif isinstance(v, str):
+            v = redact_userinfo(v)
+        out[f.name] = v
     return out
 
 

@@ -33,6 +33,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from searchrl.errors import Unavailable
 from searchrl.rollout.v1 import rollout_pb2
+from searchrl.services.config import redis_password
 
 log = logging.getLogger("searchrl.rollouts")
 
@@ -64,6 +65,8 @@ class RolloutStore:
         trim_approximate: trim with ``MAXLEN ~`` (cheap; Redis keeps somewhat more than ``maxlen``) rather than
             exactly.
         connect_timeout_s: socket connect timeout, in seconds.
+        password: Redis AUTH password, apart from the URL; ``None`` reads ``SEARCHRL_REDIS_PASSWORD``
+            (:func:`searchrl.services.config.redis_password`).
 
     Every method raises :class:`searchrl.errors.Unavailable` when Redis cannot be reached.
     """
@@ -77,6 +80,7 @@ class RolloutStore:
         *,
         trim_approximate: bool = True,
         connect_timeout_s: float = 5.0,
+        password: str | None = None,
     ) -> None:
         if maxlen is not None and maxlen <= 0:
             raise ValueError(f"maxlen must be positive or None, got {maxlen}")
@@ -89,7 +93,11 @@ class RolloutStore:
         # RESP2 pinned: the reply shapes parsed below (lists of [stream, [(id, fields)]]) do not depend on redis-py's
         # default protocol.
         self._client = aioredis.Redis.from_url(
-            redis_url, socket_connect_timeout=connect_timeout_s, socket_timeout=None, protocol=2
+            redis_url,
+            password=redis_password(password),
+            socket_connect_timeout=connect_timeout_s,
+            socket_timeout=None,
+            protocol=2,
         )
 
     async def __aenter__(self) -> RolloutStore:

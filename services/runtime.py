@@ -3,12 +3,18 @@
 One :class:`GrpcServer` hosts a service's servicers on a ``grpc.aio`` server with:
 
 * the standard ``grpc.health.v1`` service (what Kubernetes gRPC probes call) and server reflection;
-* Prometheus metrics on an HTTP port: ``searchrl_grpc_requests_total{service,method,code}``,
-  ``searchrl_grpc_request_duration_seconds{service,method}`` and ``searchrl_grpc_in_flight_requests{service}``;
+* Prometheus metrics on an HTTP port, served from before the (slow) build step so that a loading model or index
+  is scrapable: ``searchrl_grpc_requests_total{service,method,code}``,
+  ``searchrl_grpc_request_duration_seconds{service,method}`` (buckets :data:`LATENCY_BUCKETS_S`, up to 600 s),
+  ``searchrl_grpc_in_flight_requests{service}`` and ``searchrl_service_serving{service}`` (0 while building);
 * mapping of :mod:`searchrl.errors` exceptions to status codes (no stack trace ever reaches a caller);
 * optional TLS (server certificate, and mTLS with a client CA) and bearer-token auth;
-* message-size and keepalive options, and a graceful shutdown on SIGTERM/SIGINT: health goes NOT_SERVING, then
-  ``server.stop(grace)`` lets in-flight calls finish (the pattern of vLLM's ``grpc_server.py``).
+* message-size, keepalive and connection-age options (``grpc.max_connection_age_ms``: clients on long-lived channels
+  reconnect, and so re-resolve a headless Service's DNS and reach pods added by a scale-out);
+* a graceful shutdown on SIGTERM/SIGINT: health goes NOT_SERVING, then ``server.stop(grace)`` lets in-flight calls
+  finish (the pattern of vLLM's ``grpc_server.py``). The handlers are re-asserted every
+  :data:`SIGNAL_GUARD_INTERVAL_S` seconds, because libraries loaded by a service install their own on the same loop
+  (SGLang's ``TokenizerManager.auto_create_handle_loop`` calls ``loop.add_signal_handler(SIGTERM, ...)``).
 
 :func:`run_service` is the entry point of ``searchrl serve <service>``.
 """
@@ -41,11 +47,17 @@ log = logging.getLogger("searchrl.runtime")
 GRPC_REQUESTS = Counter(
     "searchrl_grpc_requests_total", "gRPC requests by service, method and status code.", ["service", "method", "code"]
 )
+# Upper bounds (seconds) of the request-latency histogram. Policy Rollout / LoadWeights calls take minutes, so the
+# finite buckets reach 600 s: ``histogram_quantile`` never reports more than the largest finite bound, and an alert
+# threshold above it could never fire.
+LATENCY_BUCKETS_S: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600,
+)  # fmt: skip
 GRPC_LATENCY = Histogram(
     "searchrl_grpc_request_duration_seconds",
     "gRPC request latency in seconds, by service and method.",
     ["service", "method"],
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    buckets=LATENCY_BUCKETS_S,
 )
 GRPC_IN_FLIGHT = Gauge("searchrl_grpc_in_flight_requests", "gRPC requests being served now.", ["service"])
 SERVICE_UP = Gauge("searchrl_service_serving", "1 while the service reports SERVING on its health check.", ["service"])
@@ -58,6 +70,9 @@ GC_PAUSE = Histogram(
 
 # Methods that never need a token (Kubernetes probes and tooling).
 UNAUTHENTICATED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+# How often the serving loop re-installs its SIGTERM/SIGINT handlers (seconds), in case a library replaced them.
+SIGNAL_GUARD_INTERVAL_S = 1.0
 
 
 @dataclass
@@ -83,8 +98,24 @@ class ServerConfig:
         secret=True,
     )
     auth_token_file: str = field("", help="File holding the bearer token (e.g. a mounted Kubernetes Secret).")
+    max_connection_age_ms: int = field(
+        60_000,
+        help="Close each client connection (HTTP/2 GOAWAY; gRPC adds +-10 percent jitter) after this many ms, so "
+        "that long-lived client channels reconnect and re-resolve DNS (new pods of a scale-out get traffic). 0: never.",
+    )
+    max_connection_age_grace_ms: int = field(
+        600_000,
+        help="How long calls already running on an aged connection may go on before it is closed, in ms.",
+    )
     redis_url: str = field(
-        "", help="Redis URL for the search cache / rollout store, e.g. redis://127.0.0.1:6379/0. Empty: none."
+        "",
+        help="Redis URL for the search cache / rollout store, e.g. redis://127.0.0.1:6379/0 (no password: use "
+        "redis_password). Empty: none.",
+    )
+    redis_password: str = field(
+        "",
+        help="Redis password (AUTH), passed to redis-py apart from the URL; never logged. Prefer the env variable.",
+        secret=True,
     )
     cache_ttl_s: int = field(7 * 24 * 3600, help="TTL of search-cache entries, in seconds.")
     log_level: str = field("INFO", help="Python log level.")
@@ -222,12 +253,32 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     )
 
 
+def server_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """The ``grpc.aio.server`` channel arguments for ``config``: message sizes, keepalive and connection age."""
+    mb = config.max_message_mb * 1024 * 1024
+    options = [
+        ("grpc.max_send_message_length", mb),
+        ("grpc.max_receive_message_length", mb),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.so_reuseport", 0),
+    ]
+    if config.max_connection_age_ms > 0:
+        options += [
+            ("grpc.max_connection_age_ms", int(config.max_connection_age_ms)),
+            ("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace_ms)),
+        ]
+    return options
+
+
 class GrpcServer:
     """A started ``grpc.aio`` server with health, reflection, metrics and graceful shutdown.
 
     Args:
         config: shared server settings.
-        specs: the servicers to host.
+        specs: the servicers to host (may be set later, before :meth:`start`).
         label: service label for metrics (e.g. ``"reward"``).
     """
 
@@ -242,25 +293,39 @@ class GrpcServer:
         self._metrics_httpd: Any = None
         self._stopping = False
 
+    def start_metrics(self) -> int:
+        """Starts the Prometheus HTTP server (once; a no-op when ``metrics_port`` is -1 or it already runs).
+
+        Returns:
+            The bound metrics port, or -1 when disabled.
+
+        Raises:
+            OSError: the port could not be bound.
+        """
+        if self.config.metrics_port >= 0 and self._metrics_httpd is None:
+            SERVICE_UP.labels(self.label).set(0)
+            httpd, _thread = start_http_server(self.config.metrics_port, addr=self.config.host)
+            self._metrics_httpd = httpd
+            self.metrics_port = httpd.server_port
+        return self.metrics_port
+
+    def stop_metrics(self) -> None:
+        """Stops the Prometheus HTTP server if it runs."""
+        if self._metrics_httpd is not None:
+            self._metrics_httpd.shutdown()
+            self._metrics_httpd.server_close()
+            self._metrics_httpd = None
+
     async def start(self) -> None:
-        """Binds the ports and starts serving; health of every service becomes SERVING.
+        """Binds the ports and starts serving (and the metrics server, unless already started); health of every
+        service becomes SERVING.
 
         Raises:
             RuntimeError: the gRPC port could not be bound.
         """
-        mb = self.config.max_message_mb * 1024 * 1024
-        options = [
-            ("grpc.max_send_message_length", mb),
-            ("grpc.max_receive_message_length", mb),
-            ("grpc.keepalive_time_ms", 30_000),
-            ("grpc.keepalive_timeout_ms", 10_000),
-            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.so_reuseport", 0),
-        ]
         server = grpc.aio.server(
             interceptors=[_ObservedHandlers(self.label, self.config.resolved_token(), self.config.max_concurrent_rpcs)],
-            options=options,
+            options=server_options(self.config),
         )
         for spec in self.specs:
             spec.add_to_server(spec.servicer, server)
@@ -278,10 +343,7 @@ class GrpcServer:
         self.port = port
         await server.start()
         self._server = server
-        if self.config.metrics_port >= 0:
-            httpd, _thread = start_http_server(self.config.metrics_port, addr=self.config.host)
-            self._metrics_httpd = httpd
-            self.metrics_port = httpd.server_port
+        self.start_metrics()
         for spec in self.specs:
             await self.health.set(spec.name, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -303,9 +365,7 @@ class GrpcServer:
         SERVICE_UP.labels(self.label).set(0)
         await self.health.enter_graceful_shutdown()
         await self._server.stop(self.config.grace_s if grace is None else grace)
-        if self._metrics_httpd is not None:
-            self._metrics_httpd.shutdown()
-            self._metrics_httpd.server_close()
+        self.stop_metrics()
         log.info("%s stopped", self.label)
 
     async def wait(self) -> None:
@@ -350,25 +410,53 @@ def _gc_timer(phase: str, info: dict[str, int]) -> None:
 Builder = Callable[[Any], Awaitable[tuple[list[ServiceSpec], Callable[[], Awaitable[None]] | None]]]
 
 
+async def _guard_signal_handlers(
+    loop: asyncio.AbstractEventLoop, handler: Callable[[], None], interval_s: float
+) -> None:
+    """Re-installs ``handler`` for SIGTERM/SIGINT every ``interval_s`` seconds.
+
+    ``loop.add_signal_handler`` keeps one callback per signal, so a library that calls it later (SGLang does on its
+    first request: ``tokenizer_manager.py`` ``auto_create_handle_loop``) silently replaces ours, and SIGTERM would no
+    longer drain the gRPC server. Re-adding is idempotent and costs three system calls.
+    """
+    while True:
+        await asyncio.sleep(interval_s)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, handler)
+
+
 async def serve_until_signal(config: ServerConfig, label: str, build: Builder) -> None:
     """Builds the servicers, serves them, and shuts down gracefully on SIGTERM/SIGINT.
+
+    The metrics HTTP server starts before ``build`` (models and indexes load there, for minutes on a GPU service),
+    so Prometheus scrapes succeed, with ``searchrl_service_serving`` 0, while the service loads.
 
     Args:
         config: the service's config (a :class:`ServerConfig` subclass).
         label: service label for metrics and logs.
         build: async factory ``build(config) -> (specs, cleanup)``; ``cleanup`` (or ``None``) runs after the server stops.
     """
-    specs, cleanup = await build(config)
-    freeze_startup_objects()
-    server = GrpcServer(config, specs, label)
-    await server.start()
+    server = GrpcServer(config, [], label)
+    server.start_metrics()
+    try:
+        specs, cleanup = await build(config)
+        freeze_startup_objects()
+        server.specs = list(specs)
+        await server.start()
+    except BaseException:
+        server.stop_metrics()
+        raise
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_requested.set)
+    guard = asyncio.create_task(_guard_signal_handlers(loop, stop_requested.set, SIGNAL_GUARD_INTERVAL_S))
     # Printed for supervisors (searchrl up) and humans: the ports actually bound.
     print(f"READY {label} grpc={config.host}:{server.port} metrics={server.metrics_port}", flush=True)
-    await stop_requested.wait()
+    try:
+        await stop_requested.wait()
+    finally:
+        guard.cancel()
     log.info("%s: signal received, draining", label)
     await server.stop()
     if cleanup is not None:

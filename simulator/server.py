@@ -314,7 +314,9 @@ def cache_from_config(config: SimulatorConfig) -> Any:
     """The search cache the config asks for, or ``None``."""
     from searchrl.services.cache import make_cache
 
-    return make_cache(config.redis_url, config.cache_ttl_s, in_process=config.in_process_cache)
+    return make_cache(
+        config.redis_url, config.cache_ttl_s, in_process=config.in_process_cache, password=config.redis_password or None
+    )
 
 
 async def build(config: SimulatorConfig) -> tuple[list[ServiceSpec], Any]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +69,53 @@ class ChannelOptions:
     max_message_mb: int = 64
     max_attempts: int = 5
     extra: list[tuple[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ChannelOptions:
+        """Client TLS and auth settings from the environment the chart and the RayJob manifests set.
+
+        Variables (all optional):
+
+        * ``SEARCHRL_TLS``: ``true``/``1`` to use TLS (the endpoints ConfigMap mirrors ``global.tls.enabled``);
+        * ``SEARCHRL_TLS_CA_FILE``: PEM CA bundle that signed the servers' certificates (default: system roots);
+        * ``SEARCHRL_TLS_CLIENT_CERT_FILE`` / ``SEARCHRL_TLS_CLIENT_KEY_FILE``: client certificate for mTLS;
+        * ``SEARCHRL_AUTH_TOKEN_FILE`` (wins) or ``SEARCHRL_AUTH_TOKEN``: the bearer token.
+
+        ``overrides`` replace fields after the environment is read (e.g. ``timeout_s=5``).
+
+        Raises:
+            InvalidRequest: a named file cannot be read, or a client certificate is given without its key.
+        """
+        from searchrl.errors import InvalidRequest
+
+        env = os.environ if environ is None else environ
+
+        def _read(var: str) -> bytes | None:
+            path = env.get(var, "").strip()
+            if not path:
+                return None
+            try:
+                with open(path, "rb") as fh:
+                    return fh.read()
+            except OSError as exc:
+                raise InvalidRequest(f"{var}={path} cannot be read: {exc.strerror or exc}") from exc
+
+        tls = env.get("SEARCHRL_TLS", "").strip().lower() in ("1", "true", "yes", "on")
+        cert, key = _read("SEARCHRL_TLS_CLIENT_CERT_FILE"), _read("SEARCHRL_TLS_CLIENT_KEY_FILE")
+        if (cert is None) != (key is None):
+            raise InvalidRequest("SEARCHRL_TLS_CLIENT_CERT_FILE and SEARCHRL_TLS_CLIENT_KEY_FILE go together (mTLS)")
+        token_file = _read("SEARCHRL_AUTH_TOKEN_FILE")
+        token = token_file.decode().strip() if token_file is not None else env.get("SEARCHRL_AUTH_TOKEN", "").strip()
+        opts = cls(
+            token=token,
+            tls=tls,
+            root_ca=_read("SEARCHRL_TLS_CA_FILE") if tls else None,
+            client_cert=cert if tls else None,
+            client_key=key if tls else None,
+        )
+        for name, value in overrides.items():
+            setattr(opts, name, value)
+        return opts
 
 
 def make_channel(target: str, service_names: list[str], options: ChannelOptions | None = None) -> grpc.aio.Channel:

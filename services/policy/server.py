@@ -18,12 +18,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import Counter
 
+from searchrl.client.base import ChannelOptions
 from searchrl.errors import InvalidRequest
 from searchrl.policy.v1 import policy_pb2, policy_pb2_grpc
 from searchrl.services.config import field
@@ -54,6 +55,12 @@ class PolicyConfig(ServerConfig):
     engine: str = field("transformers", help="Inference engine: transformers (CPU) or sglang (GPU).")
     sglang_url: str = field(
         "", help="Base URL of a running SGLang server (engine sglang); empty starts an in-process sglang.Engine."
+    )
+    sglang_deterministic: bool = field(
+        False,
+        help="Engine sglang (in-process): start SGLang with enable_deterministic_inference so that seeded requests "
+        "reproduce their tokens (SGLang ignores seeds otherwise). Slower: pytorch sampling backend, batch-invariant "
+        "kernels. With --sglang-url: states that the server runs with --enable-deterministic-inference.",
     )
     dtype: str = field("float32", help="Weights dtype of the transformers engine: float32, bfloat16 or float16.")
     max_batch_size: int = field(16, help="Rows decoded together by the transformers engine.")
@@ -92,10 +99,12 @@ class PolicyConfig(ServerConfig):
 
 
 def build_engine(config: PolicyConfig) -> Any:
-    """The engine named by ``config.engine``.
+    """The engine named by ``config.engine``. Call it for ``sglang`` on the serving event loop (see
+    :class:`~searchrl.services.policy.engines.SGLangEngine`), for ``transformers`` anywhere.
 
     Raises:
         InvalidRequest: unknown engine.
+        RuntimeError: in-process ``sglang`` without a running event loop in this thread.
     """
     from searchrl.assets import policy_model_path
 
@@ -112,7 +121,9 @@ def build_engine(config: PolicyConfig) -> Any:
     if config.engine == "sglang":
         from searchrl.services.policy.engines import SGLangEngine
 
-        return SGLangEngine(policy_model_path(config.model), url=config.sglang_url)
+        return SGLangEngine(
+            policy_model_path(config.model), url=config.sglang_url, deterministic=config.sglang_deterministic
+        )
     raise InvalidRequest(f"unknown engine {config.engine!r}; expected transformers or sglang")
 
 
@@ -347,43 +358,97 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         return policy_pb2.LoadWeightsResponse(policy_version=version, load_ms=(time.perf_counter() - t0) * 1000)
 
 
-def build_searches(config: PolicyConfig) -> dict[str, Any]:
-    """Search backends available on this server, by name (``none`` always)."""
+class SearchBackends(dict[str, Any]):
+    """Search backends by name, plus the clients (channels) they share; :meth:`close` closes both."""
+
+    def __init__(self, backends: dict[str, Any], clients: Sequence[Any] = ()) -> None:
+        super().__init__(backends)
+        self.clients = list(clients)
+
+    async def close(self) -> None:
+        """Closes every backend, then the shared client channels."""
+        for backend in self.values():
+            closer = getattr(backend, "close", None)
+            if closer is not None:
+                await closer()
+        for client in self.clients:
+            await client.close()
+
+
+def search_channel_options(config: PolicyConfig, environ: Mapping[str, str] | None = None) -> ChannelOptions:
+    """How the policy dials the retriever/simulator: TLS and token from the client environment
+    (:meth:`ChannelOptions.from_env`: ``SEARCHRL_TLS``, ``SEARCHRL_TLS_CA_FILE``, ``SEARCHRL_AUTH_TOKEN_FILE`` ...),
+    the token falling back to this server's own (``auth_token_file``/``auth_token``: the chart gives every service
+    the same one), and ``search_timeout_s`` as the deadline.
+
+    Raises:
+        InvalidRequest: a file named by the environment cannot be read, or a client cert comes without its key.
+    """
+    opts = ChannelOptions.from_env(environ, timeout_s=config.search_timeout_s)
+    if not opts.token:
+        opts.token = config.resolved_token()
+    return opts
+
+
+def build_searches(config: PolicyConfig, environ: Mapping[str, str] | None = None) -> SearchBackends:
+    """Search backends available on this server, by name (``none`` always), over channels with the TLS/token settings
+    of :func:`search_channel_options`.
+
+    Raises:
+        InvalidRequest: as :func:`search_channel_options`.
+    """
+    from searchrl.client.retrieval import RetrievalClient
+    from searchrl.client.simulation import SimulatorClient
+    from searchrl.trainer.search_backends import MixedSearch, RetrieverSearch, SimulatorSearch
+
     out: dict[str, Any] = {"none": build_search_backend("none")}
-    common = {"retriever_target": config.retriever_target, "simulator_target": config.simulator_target, "token": ""}
-    common_kw = {
-        "training": config.simulator_training,
-        "timeout_s": config.search_timeout_s,
-        "mix_ratio": config.mix_ratio,
-    }
-    for name, needs in (
-        ("retriever", [config.retriever_target]),
-        ("simulator", [config.simulator_target]),
-        ("mixed", [config.retriever_target, config.simulator_target]),
-    ):
-        if all(needs):
-            out[name] = build_search_backend(name, **common, **common_kw)
-    return out
+    clients: list[Any] = []
+    retriever = simulator = None
+    if config.retriever_target or config.simulator_target:
+        opts = search_channel_options(config, environ)
+        if config.retriever_target:
+            retriever = RetrievalClient(config.retriever_target, opts)
+            clients.append(retriever)
+            out["retriever"] = RetrieverSearch(retriever, timeout_s=config.search_timeout_s)
+        if config.simulator_target:
+            simulator = SimulatorClient(config.simulator_target, opts)
+            clients.append(simulator)
+            # An LLM simulator answers in seconds: at least 60 s (as build_search_backend does).
+            out["simulator"] = SimulatorSearch(
+                simulator, training=config.simulator_training, timeout_s=max(config.search_timeout_s, 60.0)
+            )
+        if retriever is not None and simulator is not None:
+            out["mixed"] = MixedSearch(
+                RetrieverSearch(retriever, timeout_s=config.search_timeout_s),
+                SimulatorSearch(
+                    simulator, training=config.simulator_training, timeout_s=max(config.search_timeout_s, 60.0)
+                ),
+                ratio=config.mix_ratio,
+            )
+    return SearchBackends(out, clients)
 
 
 async def build(config: PolicyConfig) -> tuple[list[ServiceSpec], Any]:
     """Builds the engine, search backends, rollout store and servicer (the runtime's ``build`` hook)."""
     if config.engine not in ("transformers", "sglang"):
         raise InvalidRequest(f"unknown engine {config.engine!r}; expected transformers or sglang")
-    engine = await asyncio.to_thread(build_engine, config)
+    if config.engine == "sglang":
+        # On the serving loop itself: sglang.Engine captures the running loop at construction, and its tokenizer
+        # manager resolves futures on it only. This blocks the loop while the model loads, before the gRPC server
+        # starts; the metrics server (a thread) already answers.
+        engine = build_engine(config)
+    else:
+        engine = await asyncio.to_thread(build_engine, config)
     searches = build_searches(config)
     store = None
     if config.redis_url:
         from searchrl.services.rollout_store import RolloutStore
 
-        store = RolloutStore(config.redis_url)
+        store = RolloutStore(config.redis_url, password=config.redis_password or None)
     servicer = PolicyServicer(engine, config, searches, store)
 
     async def cleanup() -> None:
-        for backend in searches.values():
-            closer = getattr(backend, "close", None)
-            if closer is not None:
-                await closer()
+        await searches.close()
         if store is not None:
             await store.close()
         await engine.close()

@@ -40,7 +40,12 @@ class SamplingParams(_message.Message):
     max_new_tokens: _builtins.int
     """Maximum new tokens, 1 to the server's limit."""
     seed: _builtins.int
-    """Seed for sampling; 0 means unseeded."""
+    """Seed for sampling; 0 means unseeded. With n > 1, completion i uses seed + i.
+    transformers engine: the same seed reproduces the same tokens, whatever else is batched with the request.
+    sglang engine: reproducible only when the server runs SGLang with deterministic inference
+    (--sglang-deterministic, or a remote SGLang server started with --enable-deterministic-inference);
+    otherwise SGLang ignores the seed and the same seed does not give the same tokens.
+    """
     @_builtins.property
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Generation stops after any of these strings; the stop string is kept in the output."""
@@ -154,7 +159,11 @@ class Completion(_message.Message):
 
     @_builtins.property
     def logprobs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """Log-probability of each generated token under the sampling distribution before temperature (natural log)."""
+        """Natural-log probability of each generated token under the model's raw next-token distribution:
+        log_softmax(logits) before temperature, top-p and top-k, at any sampling temperature (what the trainer's
+        forward pass computes). The sglang engine asks SGLang for these (SGLANG_RETURN_ORIGINAL_LOGPROB=1); a remote
+        SGLang server started without that variable returns log_softmax(logits / temperature) instead.
+        """
 
     def __init__(
         self,

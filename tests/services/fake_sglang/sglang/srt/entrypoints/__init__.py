@@ -1,0 +1,1 @@
+"""Fake SGLang package (tests only)."""

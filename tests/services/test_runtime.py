@@ -1,0 +1,254 @@
+"""The shared gRPC runtime: connection recycling (deploy review #12 / check C9), latency buckets (#17), metrics
+during the build (#18), Redis password handling (#14, #35 / check C11) and the SIGTERM drain when a library replaces
+the handler (GPU audit #11)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from prometheus_client import generate_latest
+
+from searchrl.errors import InvalidRequest, Unavailable
+from searchrl.services import config as cfgmod
+from searchrl.services.runtime import (
+    GRPC_LATENCY,
+    GrpcServer,
+    ServerConfig,
+    ServiceSpec,
+    run_service,
+    serve_until_signal,
+)
+from searchrl.testing import free_port, wait_for_health
+
+HERE = Path(__file__).resolve().parent
+PEER_SERVICE = "searchrl.test.Peer"
+
+
+def _peer_spec() -> ServiceSpec:
+    """A servicer that answers with the caller's address as the server sees it (ip:port of this connection)."""
+
+    async def peer(request: bytes, context: Any) -> bytes:
+        return str(context.peer()).encode()
+
+    def add(servicer: Any, server: Any) -> None:
+        handler = grpc.method_handlers_generic_handler(
+            PEER_SERVICE, {"Peer": grpc.unary_unary_rpc_method_handler(peer)}
+        )
+        server.add_generic_rpc_handlers((handler,))
+
+    return ServiceSpec(PEER_SERVICE, None, add)
+
+
+# ------------------------------------------------------------------------------------------- connection age (C9)
+def test_server_options_recycle_connections() -> None:
+    from searchrl.services.runtime import server_options
+
+    opts = dict(server_options(ServerConfig()))
+    assert opts["grpc.max_connection_age_ms"] == 60_000
+    assert opts["grpc.max_connection_age_grace_ms"] == 600_000
+    assert "grpc.max_connection_age_ms" not in dict(server_options(ServerConfig(max_connection_age_ms=0)))
+    env = cfgmod.from_sources(ServerConfig, {}, {"SEARCHRL_MAX_CONNECTION_AGE_MS": "30000"})
+    assert dict(server_options(env))["grpc.max_connection_age_ms"] == 30_000
+
+
+async def test_long_lived_channel_reconnects_after_max_age() -> None:
+    """A client channel that stays open gets a new connection after max_connection_age (so it re-resolves DNS)."""
+    from searchrl.client.base import make_channel
+
+    cfg = ServerConfig(grpc_port=0, metrics_port=-1, max_connection_age_ms=500, max_connection_age_grace_ms=1000)
+    server = GrpcServer(cfg, [_peer_spec()], "peer")
+    await server.start()
+    channel = make_channel(f"127.0.0.1:{server.port}", [PEER_SERVICE])
+    try:
+        call = channel.unary_unary(f"/{PEER_SERVICE}/Peer")
+        first = await call(b"", timeout=10)
+        assert await call(b"", timeout=10) == first  # one connection while young
+        await asyncio.sleep(2.0)  # > 500 ms (+10% jitter) + grace
+        later = {await call(b"", timeout=10) for _ in range(3)}
+        assert first not in later, f"still on the first connection {first!r} after its max age"
+    finally:
+        await channel.close()
+        await server.stop(0)
+
+
+# ------------------------------------------------------------------------------------------- latency buckets
+def test_latency_histogram_reaches_600_seconds() -> None:
+    from searchrl.services.runtime import LATENCY_BUCKETS_S
+
+    assert LATENCY_BUCKETS_S[-4:] == (60, 120, 300, 600)
+    GRPC_LATENCY.labels("bucket-test", "Slow").observe(250.0)
+    text = generate_latest().decode()
+    prefix = 'searchrl_grpc_request_duration_seconds_bucket{le="%s",method="Slow",service="bucket-test"}'
+    assert f"{prefix % '120.0'} 0.0" in text
+    assert f"{prefix % '300.0'} 1.0" in text and f"{prefix % '600.0'} 1.0" in text
+
+
+# ------------------------------------------------------------------------------------------- metrics during build
+async def test_metrics_answer_while_build_runs() -> None:
+    port = free_port()
+    cfg = ServerConfig(grpc_port=0, metrics_port=port)
+    release = asyncio.Event()
+    entered = asyncio.Event()
+
+    async def build(config: Any) -> Any:  # a model that takes a while to load
+        entered.set()
+        await release.wait()
+        raise InvalidRequest("index is corrupt")  # then fails: the metrics server must not outlive the start-up
+
+    task = asyncio.create_task(serve_until_signal(cfg, "slowbuild", build))
+    await asyncio.wait_for(entered.wait(), 10)
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            return str(resp.read().decode())
+
+    body = await asyncio.to_thread(scrape)
+    assert 'searchrl_service_serving{service="slowbuild"} 0.0' in body
+    assert not task.done()
+    release.set()
+    with pytest.raises(InvalidRequest):
+        await asyncio.wait_for(task, 10)
+    with pytest.raises(urllib.error.URLError):
+        await asyncio.to_thread(scrape)
+
+
+# ------------------------------------------------------------------------------------------- Redis password (C11)
+def test_redacted_strips_url_userinfo() -> None:
+    cfg = ServerConfig(redis_url="redis://:hunter2@redis:6379/0", redis_password="s3cret", auth_token="tok")
+    red = cfgmod.redacted(cfg)
+    assert red["redis_url"] == "redis://***@redis:6379/0"
+    assert red["redis_password"] == "***" and red["auth_token"] == "***"
+    assert cfgmod.redact_userinfo("redis://user:p@ss/w#rd@redis:6379/0") == "redis://***@redis:6379/0"
+    assert cfgmod.redact_userinfo("redis://redis:6379/0") == "redis://redis:6379/0"
+    assert "hunter2" not in str(red) and "s3cret" not in str(red)
+
+
+def test_start_up_log_never_shows_the_redis_password(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SEARCHRL_REDIS_PASSWORD", "canary-env-7f3a")
+    seen: list[ServerConfig] = []
+
+    async def build(config: ServerConfig) -> Any:
+        seen.append(config)
+        raise InvalidRequest("stop after the start-up line")
+
+    argv = ["--redis-url", "redis://:canary-url-9c1d@127.0.0.1:6390/0", "--metrics-port", "-1", "--grpc-port", "0"]
+    with caplog.at_level(logging.INFO):
+        assert run_service(ServerConfig, "canary", build, argv) == 2
+    out = capsys.readouterr()
+    text = "\n".join(r.getMessage() for r in caplog.records) + out.out + out.err
+    assert "starting canary with" in text and "redis://***@127.0.0.1:6390/0" in text
+    assert "canary-env-7f3a" not in text and "canary-url-9c1d" not in text
+    assert seen[0].redis_password == "canary-env-7f3a"  # read from the environment, kept out of the log
+
+
+@pytest.fixture(scope="module")
+def redis_with_password() -> Iterator[tuple[str, str]]:
+    """A throwaway redis-server that requires AUTH; yields (url without password, password)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("no redis-server binary")
+    port, password = free_port(), "p@ss/w#rd?%"  # characters that break a password inside a URL
+    with tempfile.TemporaryDirectory() as d:
+        proc = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", d, "--requirepass", password],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            import redis
+
+            client = redis.Redis(host="127.0.0.1", port=port, password=password)
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    client.ping()
+                    break
+                except redis.ConnectionError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+            client.close()
+            yield f"redis://127.0.0.1:{port}/0", password
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+async def test_redis_password_is_passed_apart_from_the_url(
+    redis_with_password: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from searchrl.rollout.v1 import rollout_pb2
+    from searchrl.services.cache import SearchCache, make_cache
+    from searchrl.services.rollout_store import RolloutStore
+
+    url, password = redis_with_password
+    monkeypatch.delenv("SEARCHRL_REDIS_PASSWORD", raising=False)
+    no_auth = SearchCache(url, 60)
+    await no_auth.set_many({"retriever:k": b"v"})
+    assert await no_auth.get_many(["retriever:k"]) == [None]  # NOAUTH: the cache degrades to misses
+    await no_auth.close()
+    explicit = SearchCache(url, 60, password=password)
+    await explicit.set_many({"retriever:k": b"v"})
+    assert await explicit.get_many(["retriever:k"]) == [b"v"]
+    await explicit.close()
+    monkeypatch.setenv("SEARCHRL_REDIS_PASSWORD", password)  # what the chart sets from its Secret
+    from_env = make_cache(url, 60)
+    assert from_env is not None and await from_env.get_many(["retriever:k"]) == [b"v"]
+    await from_env.close()
+    async with RolloutStore(url) as store:
+        assert await store.add(rollout_pb2.Trajectory(id="t1"))
+    monkeypatch.delenv("SEARCHRL_REDIS_PASSWORD")
+    with pytest.raises(Unavailable):
+        async with RolloutStore(url) as store:
+            await store.add(rollout_pb2.Trajectory(id="t2"))
+
+
+# ------------------------------------------------------------------------------------------- SIGTERM drain
+def test_sigterm_drains_after_a_library_replaced_the_handler() -> None:
+    """SGLang calls ``loop.add_signal_handler(SIGTERM, ...)`` on its first request, replacing the runtime's; the
+    runtime re-asserts its handler, so a later SIGTERM still drains: the in-flight call completes, exit code 0."""
+    port = free_port()
+    log_path = Path(tempfile.mkstemp(prefix="searchrl-hijack-", suffix=".log")[1])
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, str(HERE / "signal_hijack_server.py"), "--grpc-port", str(port), "--metrics-port", "-1"]
+            + ["--grace-s", "20"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    try:
+        wait_for_health(f"127.0.0.1:{port}", timeout_s=120, proc=proc)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            call = ch.unary_unary("/searchrl.test.Sleeper/Sleep")
+            assert call(b"hijack", timeout=10) == b"hijacked"
+            time.sleep(2.5)  # the runtime re-asserts its handlers every second
+            future = call.future(b"3", timeout=30)
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            assert future.result() == b"slept"
+        assert proc.wait(20) == 0
+        text = log_path.read_text()
+        assert "hijack: signal received, draining" in text and "LIBRARY SIGTERM HANDLER RAN" not in text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        log_path.unlink(missing_ok=True)
