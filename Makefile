@@ -16,6 +16,7 @@ help:
 	@echo "make setup        create .venv and install searchrl with every extra (CPU torch 2.13.0)"
 	@echo "make demo         train + evaluate a search agent end to end on the embedded default"
 	@echo "make test         the test suite (unit, service, e2e; GPU tests skipped), lint and deploy checks"
+	@echo "make test-gpu     GPU smoke test, inside each GPU image's smoke target (scripts/gpu_smoke.sh --help)"
 	@echo "make proto        regenerate the gRPC code from proto/"
 	@echo "make lint         ruff, mypy (strict core), buf lint, hadolint"
 	@echo "make deploy-check helm lint/template, schema validation, promtool"
@@ -60,8 +61,10 @@ test: setup tools
 test-fast: setup
 	$(BIN)/python -m pytest -m 'not slow and not e2e and not gpu' $(PYTEST_ARGS)
 
-test-gpu: setup
-	$(BIN)/python -m pytest -m gpu -o addopts='-ra --import-mode=importlib' $(PYTEST_ARGS)
+# GPU smoke test: run it inside a GPU image's smoke target (docker build --target smoke), not in the CPU .venv, where
+# every GPU test would skip. SMOKE_ARGS: stages and options (bash scripts/gpu_smoke.sh --help).
+test-gpu:
+	bash scripts/gpu_smoke.sh $(SMOKE_ARGS)
 
 deploy-check: setup tools
 	bash deploy/check.sh
