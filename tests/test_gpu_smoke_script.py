@@ -228,7 +228,11 @@ def test_verl_stage_config_passes_the_rayjob_entrypoint_check() -> None:
 def test_make_test_gpu_runs_the_smoke_script() -> None:
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
-    res = subprocess.run(["make", "-n", "test-gpu"], capture_output=True, text=True, cwd=ROOT)
+    # A clean make environment: under `make test` MAKEFLAGS/MAKELEVEL would make it print "Entering directory".
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+    res = subprocess.run(
+        ["make", "--no-print-directory", "-n", "test-gpu"], capture_output=True, text=True, cwd=ROOT, env=env
+    )
     assert res.returncode == 0, res.stderr
     commands = [line for line in res.stdout.splitlines() if line.strip()]
     assert commands == ["bash scripts/gpu_smoke.sh "] or commands == ["bash scripts/gpu_smoke.sh"]

@@ -165,9 +165,13 @@ class _Batch:
 
 
 def _collate(
-    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], pad_id: int
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    masks: Sequence[Sequence[int]],
+    pad_id: int,
+    device: torch.device | str = "cpu",
 ) -> _Batch:
-    """Left-pads prompts and right-pads responses (verl's layout); see the module docstring."""
+    """Left-pads prompts and right-pads responses (verl's layout), on ``device``; see the module docstring."""
     b = len(prompts)
     p_len = max(len(p) for p in prompts)
     r_len = max(max(len(r) for r in responses), 1)
@@ -184,6 +188,7 @@ def _collate(
             resp[i, : len(r)] = torch.tensor(r, dtype=torch.long)
             rmask[i, : len(r)] = torch.tensor(m, dtype=torch.float32)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    ids, attn, pos, resp, rmask = (t.to(device) for t in (ids, attn, pos, resp, rmask))
     return _Batch(ids, attn, pos, resp, rmask, r_len, [list(p) for p in prompts], [list(r) for r in responses])
 
 
@@ -218,6 +223,7 @@ def response_logits(model: Any, mb: _Batch, *, share_prompt: bool) -> torch.Tens
         return out.logits[:, :-1, :]  # type: ignore[no-any-return]
     from transformers import DynamicCache
 
+    dev = mb.input_ids.device
     groups: dict[tuple[int, ...], list[int]] = {}
     for row, prompt in enumerate(mb.prompt_lists):
         groups.setdefault(tuple(prompt), []).append(row)
@@ -227,7 +233,10 @@ def response_logits(model: Any, mb: _Batch, *, share_prompt: bool) -> torch.Tens
         p_len, k = len(prompt), len(rows)
         cache = DynamicCache(config=model.config)
         p_out = model(
-            input_ids=torch.tensor([prompt], dtype=torch.long), past_key_values=cache, use_cache=True, logits_to_keep=1
+            input_ids=torch.tensor([prompt], dtype=torch.long, device=dev),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
         )
         first = p_out.logits[:, -1:, :].expand(k, 1, -1)  # predicts response token 0
         r_len = max(max(len(mb.response_lists[r]) for r in rows), 1)
@@ -241,6 +250,7 @@ def response_logits(model: Any, mb: _Batch, *, share_prompt: bool) -> torch.Tens
                 ids[i, : len(resp)] = torch.tensor(resp, dtype=torch.long)
                 attn[i, p_len : p_len + len(resp)] = 1
             pos = torch.arange(p_len, p_len + r_len).unsqueeze(0).expand(k, -1)
+            ids, attn, pos = ids.to(dev), attn.to(dev), pos.to(dev)
             r_out = model(
                 input_ids=ids[:, :-1],
                 attention_mask=attn[:, :-1],
@@ -509,7 +519,7 @@ class LocalTrainer:
         cfg = self.config
         use_bf16 = cfg.model.dtype == "bfloat16"
         share = cfg.algorithm.share_prompt and not cfg.model.gradient_checkpointing
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+        with torch.autocast(mb.input_ids.device.type, dtype=torch.bfloat16, enabled=use_bf16):
             logits = response_logits(model, mb, share_prompt=share).float()  # (b, R, V)
         logp = grpo.token_log_probs(logits, mb.responses)
         ent = None
@@ -538,6 +548,7 @@ class LocalTrainer:
             [data[i].response_ids for i in part],
             [data[i].loss_mask for i in part],
             self.pad_id,
+            device=next(self.model.parameters()).device,
         )
 
     def _update(self, data: list[_EpisodeData]) -> dict[str, float]:
@@ -604,7 +615,7 @@ class LocalTrainer:
                                 old_lp[i] = logp[row].detach()
                         old = torch.stack([old_lp[i] for i in part])
                         ref = torch.stack([ref_lp[i] for i in part])
-                        adv = advantages[part][:, : mb.response_len]
+                        adv = advantages[part][:, : mb.response_len].to(logp.device)
                         out = grpo.grpo_objective(
                             logp,
                             old,
@@ -653,7 +664,7 @@ class LocalTrainer:
             m = torch.tensor(d.loss_mask, dtype=torch.bool)
             if m.any():
                 beh = torch.tensor(d.rollout_logprobs, dtype=torch.float32)
-                gap_sum += float((old_lp[i][:n][m] - beh[m]).abs().sum())
+                gap_sum += float((old_lp[i][:n].cpu()[m] - beh[m]).abs().sum())
                 gap_n += float(m.sum())
         tokens = max(sums["tokens"], 1.0)
         return {

@@ -471,7 +471,7 @@ class TransformersEngine:
 
     # -- the batch: rows, left-padded attention mask, KV cache
     def _new_generator(self, seed: int | None) -> Any:
-        g = self._torch.Generator()
+        g = self._torch.Generator(device=_model_device(self._model))  # on the device that samples
         g.manual_seed(seed if seed is not None else random.getrandbits(63))
         return g
 
@@ -518,7 +518,7 @@ class TransformersEngine:
         from transformers import DynamicCache
 
         out = self._model(
-            input_ids=torch.tensor([tokens], dtype=torch.long),
+            input_ids=torch.tensor([tokens], dtype=torch.long, device=_model_device(self._model)),
             past_key_values=DynamicCache(config=self._model.config),
             use_cache=True,
         )
@@ -547,6 +547,8 @@ class TransformersEngine:
         else:
             mask = rest_mask
             cache = DynamicCache(config=model.config)
+        dev = _model_device(model)  # rows are assembled on the CPU, then moved once
+        ids, mask = ids.to(dev), mask.to(dev)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, plen:]
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
         new = _Batch(rows=list(reqs), mask=mask, cache=out.past_key_values, model=model)
@@ -563,9 +565,10 @@ class TransformersEngine:
             if maybe is None:
                 return None
             batch = maybe
-        last = torch.tensor([[r.token_ids[-1]] for r in batch.rows], dtype=torch.long)
+        dev = batch.mask.device
+        last = torch.tensor([[r.token_ids[-1]] for r in batch.rows], dtype=torch.long, device=dev)
         positions = batch.mask.sum(-1, keepdim=True)
-        batch.mask = torch.cat([batch.mask, torch.ones((len(batch.rows), 1), dtype=torch.long)], dim=-1)
+        batch.mask = torch.cat([batch.mask, torch.ones((len(batch.rows), 1), dtype=torch.long, device=dev)], dim=-1)
         out = batch.model(
             input_ids=last,
             attention_mask=batch.mask,
@@ -643,7 +646,7 @@ class TransformersEngine:
         if not keep:
             return None
         torch = self._torch
-        idx = torch.tensor(keep, dtype=torch.long)
+        idx = torch.tensor(keep, dtype=torch.long, device=batch.mask.device)
         batch.rows = [batch.rows[i] for i in keep]
         batch.mask = batch.mask[idx]
         batch.last_logits = batch.last_logits[idx]
@@ -669,12 +672,12 @@ class TransformersEngine:
         width = max(la, lb)
 
         def pad_mask(m: Any, n: int) -> Any:
-            return torch.cat([torch.zeros((m.shape[0], n), dtype=m.dtype), m], dim=1) if n else m
+            return torch.cat([m.new_zeros((m.shape[0], n)), m], dim=1) if n else m
 
         def pad_kv(t: Any, n: int) -> Any:
             if not n:
                 return t
-            return torch.cat([torch.zeros((*t.shape[:2], n, t.shape[3]), dtype=t.dtype), t], dim=2)
+            return torch.cat([t.new_zeros((*t.shape[:2], n, t.shape[3])), t], dim=2)
 
         for la_layer, lb_layer in zip(_cache_layers(a.cache), _cache_layers(b.cache), strict=True):
             la_layer.keys = torch.cat([pad_kv(la_layer.keys, width - la), pad_kv(lb_layer.keys, width - lb)], dim=0)
@@ -685,6 +688,14 @@ class TransformersEngine:
         a.rows = a.rows + b.rows
         a.last_logits = torch.cat([a.last_logits, b.last_logits], dim=0)
         return a
+
+
+def _model_device(model: Any) -> Any:
+    """The ``torch.device`` of ``model``'s parameters: where its inputs, KV cache and samplers must live."""
+    import torch
+
+    param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    return param.device if param is not None else torch.device("cpu")
 
 
 def _set_if_pending(fut: asyncio.Future[str], value: str) -> None:

@@ -3,8 +3,6 @@ bearer token on every route but ``/health`` (401 JSON otherwise), HTTPS with the
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import os
 import ssl
 import subprocess
@@ -18,42 +16,16 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from searchrl.testing import free_port
+from searchrl.testing import free_port, self_signed_certificate
 
 TOKEN = "s3cret-retriever-token"
 QUERY = "What is the population of Macau?"
 
 
 def _self_signed(tmp: Path) -> tuple[Path, Path, bytes]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    pem = cert.public_bytes(serialization.Encoding.PEM)
-    (tmp / "tls.crt").write_bytes(pem)
-    (tmp / "tls.key").write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return tmp / "tls.crt", tmp / "tls.key", pem
+    """A self-signed certificate for localhost / 127.0.0.1: ``(cert path, key path, cert PEM)``."""
+    cert, key = self_signed_certificate(tmp)
+    return cert, key, cert.read_bytes()
 
 
 @dataclass

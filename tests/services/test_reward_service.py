@@ -6,8 +6,6 @@ every bad input (INVALID_ARGUMENT, server keeps serving), bearer-token auth and 
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import signal
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -25,7 +23,7 @@ from searchrl.reward.v1 import reward_pb2, reward_pb2_grpc
 from searchrl.services.reward import scoring
 from searchrl.services.reward.server import SERVICE_NAME, RewardConfig, main, specs
 from searchrl.services.runtime import GrpcServer
-from searchrl.testing import ServiceProcess
+from searchrl.testing import ServiceProcess, self_signed_certificate
 
 GOOD = "<think> Zola. </think> <search> Germinal author </search> <result> Zola wrote it. </result> <think> ok </think> <answer> \\boxed{Émile Zola} </answer>"
 WRONG = "<think> guess </think> <answer> \\boxed{Victor Hugo} </answer>"
@@ -282,35 +280,9 @@ async def test_auth_token_required_when_configured() -> None:
 
 
 def _self_signed(tmp: Path) -> tuple[Path, Path, bytes]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-    (tmp / "tls.crt").write_bytes(cert_pem)
-    (tmp / "tls.key").write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return tmp / "tls.crt", tmp / "tls.key", cert_pem
+    """A self-signed certificate for localhost / 127.0.0.1: ``(cert path, key path, cert PEM)``."""
+    cert, key = self_signed_certificate(tmp)
+    return cert, key, cert.read_bytes()
 
 
 async def test_tls_with_a_self_signed_certificate(tmp_path: Path) -> None:
