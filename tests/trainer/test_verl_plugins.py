@@ -120,7 +120,9 @@ def retriever(index_dir: Path) -> Iterator[ServiceProcess]:
 
 
 @pytest.fixture(scope="module")
-def tls_retriever(index_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServiceProcess, Path, str]]:
+def tls_retriever(
+    index_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[ServiceProcess, Path, str]]:
     """The same RetrievalService with TLS (a self-signed certificate for localhost) and a bearer token file, as the
     chart runs it with global.tls and global.auth on: ``(process, CA file, token file)``."""
     from searchrl.testing import self_signed_certificate
@@ -151,7 +153,13 @@ def preset_rollout() -> Any:
     return compose("research_grpo").actor_rollout_ref.rollout
 
 
-def make_loop(engine: TransformersEngine, tools: list[Any], response_length: int = 256, **settings: Any) -> Any:
+def make_loop(
+    engine: TransformersEngine,
+    tools: list[Any],
+    response_length: int = 256,
+    prompt_length: int = 1024,
+    **settings: Any,
+) -> Any:
     """Instantiates the registered agent loop the way verl's AgentLoopWorker does (hydra.utils.instantiate)."""
     import hydra
 
@@ -160,7 +168,7 @@ def make_loop(engine: TransformersEngine, tools: list[Any], response_length: int
     # The rollout section of the research preset as verl composes it, cut down to CPU sizes.
     rollout = OmegaConf.to_container(preset_rollout(), resolve=True)
     assert isinstance(rollout, dict)
-    rollout.update(prompt_length=1024, response_length=response_length)
+    rollout.update(prompt_length=prompt_length, response_length=response_length)
     rollout["multi_turn"]["max_assistant_turns"] = 2
     config = OmegaConf.create(
         {"actor_rollout_ref": {"rollout": rollout}, "trainer": {"total_training_steps": 10}, "data": {}}
@@ -398,6 +406,24 @@ async def test_tool_response_limit_of_the_preset_cuts_inserted_documents(engine:
     body = inserted.split("<result>", 1)[1].split("</result>", 1)[0]
     assert "...(truncated)" in body and limit <= len(body.strip()) <= limit + len("...(truncated)") + 2
     assert body.strip().startswith("Doc 1 (Title: Eiffel Tower)")  # the preset keeps the start (right side cut)
+
+
+@pytest.mark.parametrize("use_dataset_prompt", [True, False])
+async def test_prompts_are_cut_to_the_rollout_prompt_length(
+    engine: TransformersEngine, use_dataset_prompt: bool
+) -> None:
+    """Both prompt sources (the dataset's chat messages, or our template as in the ZeroSearch preset) are cut to
+    rollout.prompt_length the way verl's own loops cut them (left-truncation, _cap_text_prompt_length)."""
+    row = verl_row("Where is the Eiffel Tower?", ["Paris"])
+    full = make_loop(engine, [], use_dataset_prompt=use_dataset_prompt, response_prefix="<think>")
+    full.server_manager = ScriptedVerlServer(engine, [" </think>\n<answer> \\boxed{Paris} </answer>"])
+    whole = (await full.run({"temperature": 1.0, "top_p": 1.0}, **row)).prompt_ids
+    assert len(whole) > 40
+    cut = make_loop(engine, [], prompt_length=40, use_dataset_prompt=use_dataset_prompt, response_prefix="<think>")
+    cut.server_manager = ScriptedVerlServer(engine, [" </think>\n<answer> \\boxed{Paris} </answer>"])
+    out = await cut.run({"temperature": 1.0, "top_p": 1.0}, **row)
+    assert out.prompt_ids == whole[-40:]
+    assert len(cut.server_manager.calls) == 1  # the capped prompt is what the server was given
 
 
 async def test_failed_searches_fail_the_run_past_the_threshold(
