@@ -28,7 +28,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -334,6 +334,8 @@ def write_report(
         "eval_after_run_id": getattr(after, "run_id", None),
         "final_step": train_result.step,
         "checkpoint": str(train_result.checkpoint) if train_result.checkpoint else None,
+        "stopped_by": train_result.stopped_by,
+        "guard_events": [asdict(e) for e in train_result.guard_events],
         "training": history,
         "before_after": table,
         "stage_seconds": stages.durations,
@@ -355,6 +357,14 @@ def write_report(
         + ".",
         f"Held-out questions: {a.eval_questions} FanOutQA sub-questions, evaluated with the real retriever, greedy decoding.",
         "",
+    ]
+    if train_result.stopped_by not in (None, "signal"):
+        md += [
+            f"**Training stopped early, at step {train_result.step}, by the `{train_result.stopped_by}` guard:** "
+            + "; ".join(e.message for e in train_result.guard_events if e.guard == train_result.stopped_by),
+            "",
+        ]
+    md += [
         "## Before / after training (same held-out questions)",
         "",
         "| dataset | method | n | " + " | ".join(f"{m} before | {m} after" for m in metrics) + " |",
@@ -482,6 +492,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"[yellow]interrupted after step {result.step}; checkpoint {result.checkpoint}. Run the demo again to resume.[/]"
             )
             return 130
+        if result.stopped_by not in (None, "signal"):
+            why = "; ".join(e.message for e in result.guard_events if e.guard == result.stopped_by)
+            stages.say(f"[yellow]training stopped at step {result.step} by the {result.stopped_by} guard: {why}[/]")
         if result.checkpoint is None:
             raise RuntimeError("training wrote no checkpoint")
         history = _read_jsonl(Path(result.output_dir) / "metrics.jsonl") or result.history

@@ -26,6 +26,9 @@ def test_tiny_demo_report_matches_mlflow_and_resumes(tmp_path: Path) -> None:
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
     report = json.loads((out / "report" / "report.json").read_text())
     assert report["final_step"] == 1
+    # failed searches are counted per step; the run was not stopped by the search-failure guard (or any other)
+    assert report["stopped_by"] is None and report["guard_events"] == [], report["guard_events"]
+    assert all("rollout/search_failures" in h for h in report["training"])
     assert (out / "report" / "report.md").exists() and (out / "report" / "curves.png").stat().st_size > 0
 
     import mlflow
