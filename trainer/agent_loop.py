@@ -201,9 +201,8 @@ class SearchRecord:
 
     Attributes:
         error: why no documents came back (empty for a successful search, including one with no hits).
-        failed: the search service failed (an error or a timeout), as opposed to a query the policy got wrong
-            (empty, too long) or search being disabled. Failed searches are what the trainer counts against
-            ``guards.search_failure`` / ``SEARCHRL_MAX_SEARCH_FAILURE_RATIO``.
+        outcome: the ``outcome`` label it was counted under in ``searchrl_policy_searches_total``: ``ok``,
+            ``empty``, ``error``, ``timeout``, ``invalid_query`` or ``disabled``.
     """
 
     query: str
@@ -212,7 +211,18 @@ class SearchRecord:
     latency_ms: float
     cache_hit: bool = False
     error: str = ""
-    failed: bool = False
+    outcome: str = "ok"
+
+    @property
+    def sent(self) -> bool:
+        """The query reached a search backend (not refused as invalid, and search was enabled)."""
+        return self.outcome not in ("invalid_query", "disabled")
+
+    @property
+    def failed(self) -> bool:
+        """The search service failed (an error or a timeout), as opposed to a query the policy got wrong: what the
+        trainer counts against ``guards.search_failure`` / ``SEARCHRL_MAX_SEARCH_FAILURE_RATIO``."""
+        return self.outcome in ("error", "timeout")
 
     def to_proto(self) -> rollout_pb2.SearchCall:
         """As a ``SearchCall`` message."""
@@ -637,15 +647,17 @@ class AgentLoop:
         backend = self._backend_name
         if not query:
             SEARCHES.labels(backend, "invalid_query").inc()
-            return SearchRecord(query, [], backend, 0.0, error="empty query"), "Search error: the query is empty."
+            record = SearchRecord(query, [], backend, 0.0, error="empty query", outcome="invalid_query")
+            return record, "Search error: the query is empty."
         if len(query) > cfg.max_query_chars:
             SEARCHES.labels(backend, "invalid_query").inc()
             msg = f"query too long ({len(query)} characters; the limit is {cfg.max_query_chars})"
-            return SearchRecord(query[: cfg.max_query_chars], [], backend, 0.0, error=msg), f"Search error: {msg}."
+            record = SearchRecord(query[: cfg.max_query_chars], [], backend, 0.0, error=msg, outcome="invalid_query")
+            return record, f"Search error: {msg}."
         if self.search is None:
             SEARCHES.labels(backend, "disabled").inc()
             return SearchRecord(
-                query, [], backend, 0.0, error="search is disabled"
+                query, [], backend, 0.0, error="search is disabled", outcome="disabled"
             ), "Search error: search is not available."
         t0 = time.perf_counter()
         try:
@@ -657,14 +669,14 @@ class AgentLoop:
             SEARCHES.labels(backend, "timeout").inc()
             msg = f"search timed out after {cfg.search_timeout_s:g} s"
             return SearchRecord(
-                query, [], backend, latency, error=msg, failed=True
+                query, [], backend, latency, error=msg, outcome="timeout"
             ), "Search error: the search engine did not answer in time."
         except Exception as exc:  # a dead backend must not end the episode
             latency = (time.perf_counter() - t0) * 1000
             SEARCHES.labels(backend, "error").inc()
             msg = f"{type(exc).__name__}: {exc}"[:500]
             return SearchRecord(
-                query, [], backend, latency, error=msg, failed=True
+                query, [], backend, latency, error=msg, outcome="error"
             ), "Search error: the search engine is unavailable."
         latency = (time.perf_counter() - t0) * 1000
         record = SearchRecord(
@@ -674,15 +686,13 @@ class AgentLoop:
             latency,
             outcome.cache_hit,
             outcome.error,
-            failed=bool(outcome.error),
+            outcome="error" if outcome.error else ("ok" if outcome.documents else "empty"),
         )
-        if outcome.error:
-            SEARCHES.labels(record.backend, "error").inc()
+        SEARCHES.labels(record.backend, record.outcome).inc()
+        if record.outcome == "error":
             return record, "Search error: the search engine is unavailable."
-        if not outcome.documents:
-            SEARCHES.labels(record.backend, "empty").inc()
+        if record.outcome == "empty":
             return record, "No documents found."
-        SEARCHES.labels(record.backend, "ok").inc()
         return record, truncate_observation(
             format_documents(outcome.documents, cfg.max_doc_chars), cfg.max_observation_chars, cfg.truncate_side
         )

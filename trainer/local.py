@@ -709,11 +709,9 @@ class LocalTrainer:
             "rollout/searches_per_episode": float(np.mean(searches)),
             "rollout/search_error_rate": (sum(1 for s in calls if s.error) / len(calls)) if calls else 0.0,
             # service failures only (errors, timeouts), not the policy's invalid queries: guards.search_failure
-            "rollout/searches": float(sum(1 for s in calls if s.failed or not s.error)),
-            "rollout/search_failures": float(sum(1 for s in calls if s.failed)),
-            "rollout/search_failure_rate": (
-                sum(1 for s in calls if s.failed) / max(sum(1 for s in calls if s.failed or not s.error), 1)
-            ),
+            "rollout/searches": float(sum(s.sent for s in calls)),
+            "rollout/search_failures": float(sum(s.failed for s in calls)),
+            "rollout/search_failure_rate": sum(s.failed for s in calls) / max(sum(s.sent for s in calls), 1),
             "rollout/search_cache_hit_rate": (sum(1 for s in calls if s.cache_hit) / len(calls)) if calls else 0.0,
             "rollout/noisy_share": (len(noisy) / len(with_docs)) if with_docs else 0.0,
             "rollout/response_length": float(np.mean([len(ep.response_ids) for ep in episodes])),

@@ -49,19 +49,10 @@ def _failure_window() -> SearchFailureWindow:
 def _search_tally(episode: Episode) -> tuple[dict[str, int], int, int]:
     """``({"<backend>/<outcome>": n}, searches sent to a backend, failed searches)`` of one episode."""
     outcomes: dict[str, int] = {}
-    sent = failed = 0
     for s in episode.searches:
-        if s.failed:
-            outcome = "timeout" if "timed out" in s.error else "error"
-        elif s.error:
-            outcome = "disabled" if "disabled" in s.error else "invalid_query"
-        else:
-            outcome = "ok" if s.documents else "empty"
-        key = f"{s.backend}/{outcome}"
+        key = f"{s.backend}/{s.outcome}"
         outcomes[key] = outcomes.get(key, 0) + 1
-        sent += int(s.failed or not s.error)
-        failed += int(s.failed)
-    return outcomes, sent, failed
+    return outcomes, sum(s.sent for s in episode.searches), sum(s.failed for s in episode.searches)
 
 
 class VerlServerBackend:
@@ -301,7 +292,7 @@ class SearchRLResearchAgentLoop(AgentLoopBase):
         outcomes, sent, failed = _search_tally(episode)
         report_episode(outcomes, sent, failed)
         # raises SearchFailuresExceeded (fails the step and the run) past SEARCHRL_MAX_SEARCH_FAILURE_RATIO
-        _failure_window().record([s.failed for s in episode.searches if s.failed or not s.error])
+        _failure_window().record([s.failed for s in episode.searches if s.sent])
         n = self.response_length
         return AgentLoopOutput(
             prompt_ids=episode.prompt_ids,
