@@ -22,7 +22,7 @@ help:
 	@echo "make deploy-check helm lint/template, schema validation, promtool"
 	@echo "make bench        run the benchmarks in benchmarks/"
 
-$(VENV)/.installed: pyproject.toml setup.py
+$(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip wheel setuptools
 	# torch first, pinned: the CPU build on disk (an unpinned torch would pull CUDA wheels)
@@ -46,7 +46,7 @@ proto: setup
 lint: setup tools
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check services retriever simulator trainer evaluator searchrl/cli.py searchrl/errors.py
-	$(BIN)/mypy --strict services/reward/scoring.py trainer/grpo.py trainer/agent_loop.py simulator/curriculum.py
+	$(BIN)/mypy --strict searchrl/reward/scoring.py trainer/searchrl/trainer/grpo.py searchrl/agent/loop.py simulator/searchrl/simulator/curriculum.py
 	cd proto && buf lint
 	if git describe --tags --match "v*" --abbrev=0 >/dev/null 2>&1; then buf breaking proto --against ".git#tag=$$(git describe --tags --match "v*" --abbrev=0),subdir=proto"; fi
 	bash scripts/hadolint_all.sh

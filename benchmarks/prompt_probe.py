@@ -2,7 +2,7 @@
 
 Runs N FanOutQA dev sub-questions through the agent loop with the real policy on CPU for each response prefix and
 prints searches per episode, the share of episodes with a search, the ReSearch format pass rate and the mean reward
-(``searchrl.services.reward.scoring``, scheme ``research``). Documents come from a real RetrievalService when
+(``searchrl.reward.scoring``, scheme ``research``). Documents come from a real RetrievalService when
 ``--retriever HOST:PORT`` is given, else from an instant in-process stub that echoes the query (the probe measures the
 policy's behaviour, not retrieval quality).
 
@@ -17,10 +17,10 @@ import asyncio
 import time
 from collections import Counter
 
+from searchrl.agent.loop import AgentLoop, AgentLoopConfig, EpisodeRequest, run_episodes
+from searchrl.agent.prompts import SEARCH_FIRST_PREFIX, THINK_PREFIX
+from searchrl.agent.search import InProcessSearch, RetrieverSearch
 from searchrl.rollout.v1 import rollout_pb2
-from searchrl.trainer.agent_loop import AgentLoop, AgentLoopConfig, EpisodeRequest, run_episodes
-from searchrl.trainer.prompts import SEARCH_FIRST_PREFIX, THINK_PREFIX
-from searchrl.trainer.search_backends import InProcessSearch, RetrieverSearch
 
 
 def echo(query: str, top_k: int) -> list[rollout_pb2.Document]:
@@ -31,8 +31,8 @@ async def main_async(args: argparse.Namespace) -> int:
     from rollout_bench import fanout_subquestions  # type: ignore[import-not-found]  # same folder
 
     from searchrl.assets import policy_model_path
+    from searchrl.reward.scoring import score
     from searchrl.services.policy.engines import TransformersEngine
-    from searchrl.services.reward.scoring import score
 
     rows = fanout_subquestions(args.questions, args.seed)
     engine = TransformersEngine(policy_model_path(), max_batch_size=args.questions, torch_threads=args.torch_threads)

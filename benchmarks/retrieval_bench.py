@@ -338,9 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     set_blas_min_batch(12, loaded.dimension)
     queries = _queries()
     # This process holds the in-process model too: keep its ~500k start-up objects out of the garbage collector's full
-    # passes, as the services do (searchrl.services.runtime.freeze_startup_objects), or client-side GC pauses of
+    # passes, as the services do (searchrl.serving.runtime.freeze_startup_objects), or client-side GC pauses of
     # 100+ ms land in the service columns' p99.
-    from searchrl.services.runtime import freeze_startup_objects
+    from searchrl.serving.runtime import freeze_startup_objects
 
     freeze_startup_objects()
     print(

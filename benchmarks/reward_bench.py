@@ -42,8 +42,8 @@ from rich.table import Table
 
 from searchrl.assets import benchmarks_dir, wiki_summaries_path
 from searchrl.client.reward import RewardClient
+from searchrl.reward.scoring import SCHEMES, score_batch
 from searchrl.reward.v1 import reward_pb2, reward_pb2_grpc
-from searchrl.services.reward.scoring import SCHEMES, score_batch
 from searchrl.services.reward.server import ENUM_BY_SCHEME
 from searchrl.testing import free_port, wait_for_health
 

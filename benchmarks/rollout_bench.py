@@ -28,8 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from searchrl.rollout.v1 import rollout_pb2
-from searchrl.trainer.agent_loop import (
+from searchrl.agent.loop import (
     AgentLoop,
     AgentLoopConfig,
     Episode,
@@ -38,7 +37,8 @@ from searchrl.trainer.agent_loop import (
     SearchOutcome,
     run_episodes,
 )
-from searchrl.trainer.search_backends import RetrieverSearch
+from searchrl.agent.search import RetrieverSearch
+from searchrl.rollout.v1 import rollout_pb2
 
 
 def fanout_subquestions(n: int, seed: int) -> list[tuple[str, str, str]]:

@@ -35,7 +35,7 @@ import numpy as np
 
 from searchrl.client.base import ChannelOptions
 from searchrl.client.simulation import SimulatorClient
-from searchrl.services.runtime import GrpcServer, ServiceSpec
+from searchrl.serving.runtime import GrpcServer, ServiceSpec
 from searchrl.simulation.v1 import simulation_pb2_grpc
 from searchrl.simulator.curriculum import Quality
 from searchrl.simulator.prompts import Conditioning
@@ -85,7 +85,7 @@ def row(name: str, latencies: list[float], docs_per_request: int, tokens: int) -
 
 async def run(args: argparse.Namespace) -> None:
     from searchrl.assets import policy_model_path
-    from searchrl.services.cache import InProcessCache, SearchCache
+    from searchrl.serving.cache import InProcessCache, SearchCache
     from searchrl.simulator.engines import TransformersSimulationEngine
     from searchrl.testing import redis_server
 

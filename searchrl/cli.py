@@ -28,10 +28,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("searchrl.trainer.cli", "main", "run the local GRPO trainer"),
     "eval": ("searchrl.evaluator.cli", "main", "evaluate a policy on QA benchmarks"),
     "rollouts": ("searchrl.services.rollout_store", "main", "inspect / export the Redis rollout stream"),
-    "up": ("searchrl.services.stack", "up_main", "start every service on this machine"),
-    "down": ("searchrl.services.stack", "down_main", "stop a stack started with 'up'"),
-    "status": ("searchrl.services.stack", "status_main", "health of a stack started with 'up'"),
-    "demo": ("searchrl.trainer.demo", "main", "the end-to-end demo (make demo)"),
+    "up": ("searchrl.stack", "up_main", "start every service on this machine"),
+    "down": ("searchrl.stack", "down_main", "stop a stack started with 'up'"),
+    "status": ("searchrl.stack", "status_main", "health of a stack started with 'up'"),
+    "demo": ("searchrl.demo", "main", "the end-to-end demo (make demo)"),
 }
 SERVICES: dict[str, str] = {
     "reward": "searchrl.services.reward.server",
@@ -60,9 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_usage())
         return 0
     if args[0] in ("-V", "--version"):
-        from searchrl import __version__
+        from importlib.metadata import version
 
-        print(__version__)
+        print(version("searchrl"))
         return 0
     cmd, rest = args[0], args[1:]
     if cmd == "serve":

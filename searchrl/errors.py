@@ -1,6 +1,6 @@
 """Errors shared by the libraries and the services.
 
-Library code raises these; the gRPC runtime (:mod:`searchrl.services.runtime`) maps them to status codes, so a caller
+Library code raises these; the gRPC runtime (:mod:`searchrl.serving.runtime`) maps them to status codes, so a caller
 sees a clear message and never a stack trace:
 
 =====================  ======================

@@ -27,8 +27,14 @@ def test_help_imports_no_heavy_modules() -> None:
     assert "serve" in out.stdout
     # lazy imports: no torch / grpc stubs loaded for --help
     check = subprocess.run(
-        [sys.executable, "-c", "import sys, searchrl.cli; searchrl.cli.main(['--help']); print('torch' in sys.modules, 'grpc' in sys.modules)"],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, searchrl.cli; searchrl.cli.main(['--help']); print('torch' in sys.modules, 'grpc' in sys.modules)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert check.stdout.strip().endswith("False False"), check.stdout
 

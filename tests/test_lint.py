@@ -8,7 +8,12 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-STRICT = ["services/reward/scoring.py", "trainer/grpo.py", "trainer/agent_loop.py", "simulator/curriculum.py"]
+STRICT = [
+    "searchrl/reward/scoring.py",
+    "trainer/searchrl/trainer/grpo.py",
+    "searchrl/agent/loop.py",
+    "simulator/searchrl/simulator/curriculum.py",
+]
 
 
 def test_ruff_clean() -> None:

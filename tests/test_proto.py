@@ -16,7 +16,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_generated_code_is_fresh(tmp_path: Path) -> None:
     if importlib.util.find_spec("grpc_tools") is None:
         pytest.skip("grpcio-tools not installed")
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_proto.py"), str(tmp_path)], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gen_proto.py"), str(tmp_path)], check=True, capture_output=True
+    )
     fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file() and p.suffix in (".py", ".pyi"))
     assert fresh, "generator produced nothing"
     stale = [str(rel) for rel in fresh if (ROOT / rel).read_text() != (tmp_path / rel).read_text()]
@@ -29,7 +31,9 @@ def test_every_message_and_field_is_documented() -> None:
         lines = proto.read_text().splitlines()
         for i, line in enumerate(lines):
             s = line.strip()
-            is_decl = re.match(r"^(message|enum|service|rpc)\s", s) or re.match(r"^(repeated |optional )?[\w.]+ \w+ = \d+;", s)
+            is_decl = re.match(r"^(message|enum|service|rpc)\s", s) or re.match(
+                r"^(repeated |optional )?[\w.]+ \w+ = \d+;", s
+            )
             if is_decl and not lines[i - 1].strip().startswith("//"):
                 undocumented.append(f"{proto.relative_to(ROOT)}:{i + 1}: {s}")
     assert not undocumented, "\n".join(undocumented)
@@ -44,7 +48,9 @@ def test_one_request_response_pair_per_rpc() -> None:
 def _buf() -> str:
     import shutil
 
-    found = shutil.which("buf") or (str(ROOT / ".tools" / "bin" / "buf") if (ROOT / ".tools" / "bin" / "buf").exists() else None)
+    found = shutil.which("buf") or (
+        str(ROOT / ".tools" / "bin" / "buf") if (ROOT / ".tools" / "bin" / "buf").exists() else None
+    )
     if not found:
         pytest.skip("buf not installed (make tools installs it from npm @bufbuild/buf)")
     return found
@@ -56,8 +62,15 @@ def test_buf_lint_standard() -> None:
 
 
 def test_buf_breaking_against_last_release_tag() -> None:
-    tags = subprocess.run(["git", "tag", "--list", "v*", "--sort=-v:refname"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    tags = subprocess.run(
+        ["git", "tag", "--list", "v*", "--sort=-v:refname"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.split()
     if not tags:
         pytest.skip("no release tag yet: breaking-change checks start with the first v* tag")
-    res = subprocess.run([_buf(), "breaking", "proto", "--against", f".git#tag={tags[0]},subdir=proto"], cwd=ROOT, capture_output=True, text=True)
+    res = subprocess.run(
+        [_buf(), "breaking", "proto", "--against", f".git#tag={tags[0]},subdir=proto"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stdout + res.stderr

@@ -62,8 +62,7 @@ USER 10001:10001
 WORKDIR /home/searchrl
 EXPOSE 6379 8265 10001 9095
 # Ray head/worker image of the RayJob: KubeRay sets the command; no gRPC server, so no HEALTHCHECK.
-COPY trainer/config /app/trainer/config
-COPY services/reward /app/services/reward
+COPY trainer/searchrl/trainer/config /app/trainer/config
 ENTRYPOINT []
 CMD ["python3", "-m", "verl.trainer.main_ppo", "--help"]
 

@@ -550,7 +550,7 @@ def test_file_paths_in_notes_and_comments_exist(helm_notes, deploy_paths):
     overlay comments point to exists."""
     root = deploy_paths["root"]
     texts = {"NOTES.txt": helm_notes() + helm_notes("gpu-values.yaml")}
-    for pattern in ("trainer/config/*.yaml", "trainer/config/tools/*.yaml"):
+    for pattern in ("trainer/searchrl/trainer/config/*.yaml", "trainer/searchrl/trainer/config/tools/*.yaml"):
         for path in root.glob(pattern):
             texts[str(path.relative_to(root))] = "\n".join(
                 line for line in path.read_text().splitlines() if line.lstrip().startswith("#")

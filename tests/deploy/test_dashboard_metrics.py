@@ -36,7 +36,7 @@ SERVER_MODULES = {
     "simulator": "searchrl.simulator.server",
     "policy": "searchrl.services.policy.server",
 }
-# Series every gRPC service exports (services/runtime.py).
+# Series every gRPC service exports (searchrl/serving/runtime.py).
 COMMON = {"searchrl_grpc_requests_total", "searchrl_grpc_request_duration_seconds_bucket", "searchrl_grpc_in_flight_requests",
           "searchrl_service_serving"}  # fmt: skip
 # Prefix -> who exports it. The search cache counter comes from the services that search (retriever, simulator).

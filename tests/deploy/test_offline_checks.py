@@ -377,9 +377,9 @@ async def test_c13_policy_searches_reach_a_tls_and_token_retriever(
     env.pop("SEARCHRL_REDIS_URL", None)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    from searchrl.services import config as cfgmod
+    from searchrl.agent.loop import SearchContext
     from searchrl.services.policy.server import PolicyConfig, build_searches
-    from searchrl.trainer.agent_loop import SearchContext
+    from searchrl.serving import config as cfgmod
 
     cfg = cfgmod.from_sources(PolicyConfig, {}, os.environ)
     backends = build_searches(cfg)
@@ -648,7 +648,7 @@ def test_c5_vllm_uses_every_gpu_of_the_pod_and_the_model_fits(render, values):
 
 def test_c5_simulator_parses_the_rendered_vllm_kwargs(render):
     """The simulator's own config parser reads the rendered flag (a JSON object with tensor_parallel_size)."""
-    from searchrl.services import config as cfgmod
+    from searchrl.serving import config as cfgmod
     from searchrl.simulator.server import SimulatorConfig
 
     c = one(render("gpu-values.yaml"), "Deployment", "searchrl-simulator")["spec"]["template"]["spec"]["containers"][0]
@@ -723,7 +723,7 @@ def reachable_modules(roots: set[str]) -> dict[str, ast.AST]:
 def config_roots() -> set[str]:
     """Modules the RayJob presets name: tool classes, agent-loop targets, the reward function (pkg://)."""
     out = {"searchrl.trainer.rayjob_entrypoint"}
-    for path in (CODE_ROOT / "trainer" / "config").rglob("*.yaml"):
+    for path in (CODE_ROOT / "trainer" / "searchrl" / "trainer" / "config").rglob("*.yaml"):
         text = path.read_text()
         out |= set(re.findall(r"(?:class_name|_target_):\s*(searchrl\.[\w.]+)", text))
         out |= set(re.findall(r"pkg://(searchrl\.[\w.]+)", text))
@@ -902,8 +902,8 @@ def test_c8_the_chart_refuses_a_scaled_readwriteonce_cache(render):
 def test_c9_servers_recycle_connections_so_scale_out_reaches_running_clients(render):
     """C9: with the environment the chart renders, every service's gRPC server options set a finite maximum
     connection age (clients then re-resolve the headless Service and reach pods added by HPA/KEDA)."""
-    from searchrl.services import config as cfgmod
-    from searchrl.services import runtime
+    from searchrl.serving import config as cfgmod
+    from searchrl.serving import runtime
 
     for dep in (o for o in render("gpu-values.yaml") if o["kind"] == "Deployment"):
         name = dep["metadata"]["name"]
@@ -991,8 +991,8 @@ def _expand(value: str, env: dict[str, str]) -> str:
 def test_c11_the_redis_password_never_reaches_the_startup_log(render, values):
     """C11: with the rendered environment (the password from its Secret, a canary with URL-reserved characters),
     ``redacted(config)`` (what every service logs at start-up) does not contain it, and the service still gets it."""
-    from searchrl.services import config as cfgmod
-    from searchrl.services import runtime
+    from searchrl.serving import config as cfgmod
+    from searchrl.serving import runtime
 
     canary = "Canary#p%w?d/42"
     dep = one(render(*values), "Deployment", "searchrl-reward")
@@ -1030,16 +1030,18 @@ def test_c12_ray_pods_and_batch_pods_are_not_evicted_by_consolidation(render, ra
 
 
 def latency_buckets() -> tuple[float, ...]:
-    """``searchrl.services.runtime.LATENCY_BUCKETS_S``, or the buckets= literal of the histogram in its source."""
+    """``searchrl.serving.runtime.LATENCY_BUCKETS_S``, or the buckets= literal of the histogram in its source."""
     try:
-        from searchrl.services.runtime import LATENCY_BUCKETS_S
+        from searchrl.serving.runtime import LATENCY_BUCKETS_S
 
         return tuple(float(b) for b in LATENCY_BUCKETS_S)
     except ImportError:
-        src = (CODE_ROOT / "services" / "runtime.py").read_text()
+        src = (CODE_ROOT / "searchrl" / "serving" / "runtime.py").read_text()
         m = re.search(r'"searchrl_grpc_request_duration_seconds".*?buckets=\(([^)]*)\)', src, re.S)
         if not m:
-            pytest.fail("cannot find the buckets of searchrl_grpc_request_duration_seconds in services/runtime.py")
+            pytest.fail(
+                "cannot find the buckets of searchrl_grpc_request_duration_seconds in searchrl/serving/runtime.py"
+            )
         return tuple(float(x) for x in m.group(1).split(",") if x.strip())
 
 

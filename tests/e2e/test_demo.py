@@ -48,7 +48,9 @@ def test_tiny_demo_report_matches_mlflow_and_resumes(tmp_path: Path) -> None:
             assert logged, f"no f1 metric for {row['method']} in the {side} eval run: {sorted(eval_run.data.metrics)}"
             assert row[f"f1_{side}"] == pytest.approx(logged[0])
     # rewards came from real answers: every training episode in the rollout file was scored against gold answers
-    traj = [json.loads(line) for line in (out / "train" / "trajectories.jsonl").read_text().splitlines() if line.strip()]
+    traj = [
+        json.loads(line) for line in (out / "train" / "trajectories.jsonl").read_text().splitlines() if line.strip()
+    ]
     assert traj and all(t.get("golden_answers") for t in traj)
 
     # running again with more steps resumes from the step-1 checkpoint instead of starting over

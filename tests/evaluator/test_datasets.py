@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from searchrl.data.datasets import DatasetError, available_datasets, load_dataset, read_flashrag_jsonl
 from searchrl.errors import InvalidRequest
-from searchrl.evaluator.datasets import DatasetError, available_datasets, load_dataset, read_flashrag_jsonl
 
 
 def _write(path: Path, rows: list[object]) -> Path:

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from searchrl.evaluator.datasets import load_dataset
+from searchrl.data.datasets import load_dataset
 from searchrl.evaluator.records import read_records
 from searchrl.evaluator.runner import EvalConfig, evaluate
-from searchrl.services.reward.scoring import exact_match, f1_score, normalize_answer, score
+from searchrl.reward.scoring import exact_match, f1_score, normalize_answer, score
 
 N_QUESTIONS = 20
 CFG = EvalConfig(
@@ -54,7 +54,7 @@ def _mean(xs: list[float]) -> float:
 async def test_twenty_bamboogle_questions_each_method(engine: Any, retriever_target: str, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
-    from searchrl.trainer.search_backends import RetrieverSearch
+    from searchrl.agent.search import RetrieverSearch
 
     out = tmp_path / "eval"
     search = RetrieverSearch(retriever_target)

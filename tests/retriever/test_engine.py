@@ -73,7 +73,7 @@ async def test_filters_drop_ids_and_keep_titles(engine) -> None:  # noqa: ANN001
 
 
 async def test_redis_cache_returns_what_a_miss_returns(flat_index, redis_url, redis_client) -> None:  # noqa: ANN001
-    from searchrl.services.cache import SearchCache
+    from searchrl.serving.cache import SearchCache
 
     eng = RetrievalEngine(flat_index, EngineLimits(), SearchCache(redis_url, ttl_s=60))
     await eng.start()
@@ -102,7 +102,7 @@ async def test_grpc_status_codes_and_server_keeps_serving(flat_index) -> None:  
     from searchrl.client.retrieval import RetrievalClient
     from searchrl.retrieval.v1 import retrieval_pb2_grpc
     from searchrl.retriever.server import SERVICE_NAME, RetrievalServicer
-    from searchrl.services.runtime import GrpcServer, ServerConfig, ServiceSpec
+    from searchrl.serving.runtime import GrpcServer, ServerConfig, ServiceSpec
 
     eng = RetrievalEngine(flat_index, EngineLimits())
     await eng.start()

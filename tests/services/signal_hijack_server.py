@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 
-from searchrl.services.runtime import ServerConfig, ServiceSpec, run_service
+from searchrl.serving.runtime import ServerConfig, ServiceSpec, run_service
 
 SERVICE = "searchrl.test.Sleeper"
 

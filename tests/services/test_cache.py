@@ -11,7 +11,7 @@ from prometheus_client import REGISTRY
 
 from searchrl.retrieval.v1 import retrieval_pb2
 from searchrl.rollout.v1 import rollout_pb2
-from searchrl.services.cache import InProcessCache, SearchCache, make_cache, make_key
+from searchrl.serving.cache import InProcessCache, SearchCache, make_cache, make_key
 from searchrl.testing import free_port
 
 

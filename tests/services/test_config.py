@@ -8,9 +8,9 @@ import logging
 
 import pytest
 
-from searchrl.services import config as cfgmod
 from searchrl.services.reward.server import RewardConfig
-from searchrl.services.runtime import ServerConfig, run_service
+from searchrl.serving import config as cfgmod
+from searchrl.serving.runtime import ServerConfig, run_service
 
 
 def parse(argv: list[str], environ: dict[str, str]) -> RewardConfig:

@@ -42,7 +42,7 @@ def forward_logprobs(model, prompt: list[int], completion: list[int]) -> list[fl
 
 
 async def test_logprobs_match_forward_pass_under_continuous_batching(engine: TransformersEngine) -> None:
-    from searchrl.trainer.prompts import render_prompt
+    from searchrl.agent.prompts import render_prompt
 
     questions = (
         "What is the capital of France?",

@@ -24,7 +24,7 @@ from searchrl.client.policy import PolicyClient
 from searchrl.policy.v1 import policy_pb2_grpc
 from searchrl.services.policy.engines import TransformersEngine
 from searchrl.services.policy.server import SERVICE_NAME, PolicyConfig, PolicyServicer, build_searches
-from searchrl.services.runtime import GrpcServer, ServiceSpec
+from searchrl.serving.runtime import GrpcServer, ServiceSpec
 from searchrl.testing import free_port
 
 pytestmark = pytest.mark.slow  # a retriever child process over a freshly built index, and SmolLM2 rollouts

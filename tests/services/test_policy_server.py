@@ -10,14 +10,14 @@ from collections.abc import AsyncIterator, Iterator
 import grpc
 import pytest
 
+from searchrl.agent.loop import AgentLoop, AgentLoopConfig
 from searchrl.client.policy import PolicyClient
 from searchrl.policy.v1 import policy_pb2, policy_pb2_grpc
 from searchrl.rollout.v1 import rollout_pb2
 from searchrl.services.policy.engines import RemotePolicyBackend, TransformersEngine
 from searchrl.services.policy.server import SERVICE_NAME, PolicyConfig, PolicyServicer, build_searches
-from searchrl.services.runtime import GrpcServer, ServiceSpec
+from searchrl.serving.runtime import GrpcServer, ServiceSpec
 from searchrl.testing import ServiceProcess, free_port
-from searchrl.trainer.agent_loop import AgentLoop, AgentLoopConfig
 
 FORCED = "<think> I should look this up. </think>\n<search> Eiffel Tower </search>"
 

@@ -40,9 +40,9 @@ def forward_logprobs(model_path: str, prompt: list[int], completion: list[int]) 
 
 
 async def test_in_process_engine(sglang_available: None, policy_path: str) -> None:
+    from searchrl.agent.loop import AgentLoop, AgentLoopConfig
+    from searchrl.agent.search import NoSearch
     from searchrl.services.policy.engines import SGLangEngine
-    from searchrl.trainer.agent_loop import AgentLoop, AgentLoopConfig
-    from searchrl.trainer.search_backends import NoSearch
 
     # deterministic: SGLang uses sampling_seed only with enable_deterministic_inference (GPU audit #7).
     eng = SGLangEngine(policy_path, engine_kwargs={"dtype": "float32", "mem_fraction_static": 0.3}, deterministic=True)

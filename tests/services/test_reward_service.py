@@ -19,10 +19,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from searchrl.client.base import ChannelOptions
 from searchrl.client.reward import RewardClient
 from searchrl.errors import InvalidRequest
+from searchrl.reward import scoring
 from searchrl.reward.v1 import reward_pb2, reward_pb2_grpc
-from searchrl.services.reward import scoring
 from searchrl.services.reward.server import SERVICE_NAME, RewardConfig, main, specs
-from searchrl.services.runtime import GrpcServer
+from searchrl.serving.runtime import GrpcServer
 from searchrl.testing import ServiceProcess, self_signed_certificate
 
 GOOD = "<think> Zola. </think> <search> Germinal author </search> <result> Zola wrote it. </result> <think> ok </think> <answer> \\boxed{Émile Zola} </answer>"

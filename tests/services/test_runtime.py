@@ -24,8 +24,8 @@ import pytest
 from prometheus_client import generate_latest
 
 from searchrl.errors import InvalidRequest, Unavailable
-from searchrl.services import config as cfgmod
-from searchrl.services.runtime import (
+from searchrl.serving import config as cfgmod
+from searchrl.serving.runtime import (
     GRPC_LATENCY,
     GrpcServer,
     ServerConfig,
@@ -56,7 +56,7 @@ def _peer_spec() -> ServiceSpec:
 
 # ------------------------------------------------------------------------------------------- connection age (C9)
 def test_server_options_recycle_connections() -> None:
-    from searchrl.services.runtime import server_options
+    from searchrl.serving.runtime import server_options
 
     opts = dict(server_options(ServerConfig()))
     assert opts["grpc.max_connection_age_ms"] == 60_000
@@ -88,7 +88,7 @@ async def test_long_lived_channel_reconnects_after_max_age() -> None:
 
 # ------------------------------------------------------------------------------------------- latency buckets
 def test_latency_histogram_reaches_600_seconds() -> None:
-    from searchrl.services.runtime import LATENCY_BUCKETS_S
+    from searchrl.serving.runtime import LATENCY_BUCKETS_S
 
     assert LATENCY_BUCKETS_S[-4:] == (60, 120, 300, 600)
     GRPC_LATENCY.labels("bucket-test", "Slow").observe(250.0)
@@ -195,8 +195,8 @@ async def test_redis_password_is_passed_apart_from_the_url(
     redis_with_password: tuple[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from searchrl.rollout.v1 import rollout_pb2
-    from searchrl.services.cache import SearchCache, make_cache
     from searchrl.services.rollout_store import RolloutStore
+    from searchrl.serving.cache import SearchCache, make_cache
 
     url, password = redis_with_password
     monkeypatch.delenv("SEARCHRL_REDIS_PASSWORD", raising=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import weakref
 
-from searchrl.services.runtime import freeze_startup_objects
+from searchrl.serving.runtime import freeze_startup_objects
 
 
 class _Node:

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from searchrl.errors import InvalidRequest
-from searchrl.services.reward import scoring
-from searchrl.services.reward.scoring import (
+from searchrl.reward import scoring
+from searchrl.reward.scoring import (
     SCHEMES,
     ScoreResult,
     exact_match,

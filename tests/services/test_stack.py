@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from searchrl.services.stack import StackConfig, start_stack
+from searchrl.stack import StackConfig, start_stack
 from searchrl.testing import wait_for_health
 
 
@@ -39,7 +39,10 @@ def test_up_down_status_cli(tmp_path: Path) -> None:
     env = {**os.environ}
     up = subprocess.Popen(
         [sys.executable, "-m", "searchrl", "up", "--services", "reward", "--state-dir", str(tmp_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
     )
     try:
         deadline = time.monotonic() + 120
@@ -51,16 +54,25 @@ def test_up_down_status_cli(tmp_path: Path) -> None:
             time.sleep(0.3)
             if (tmp_path / "stack.json").exists() and '"reward"' in (tmp_path / "stack.json").read_text():
                 break
-        st = subprocess.run([sys.executable, "-m", "searchrl", "status", "--state-dir", str(tmp_path)], capture_output=True, text=True)
+        st = subprocess.run(
+            [sys.executable, "-m", "searchrl", "status", "--state-dir", str(tmp_path)], capture_output=True, text=True
+        )
         assert st.returncode == 0, st.stdout + st.stderr
         assert "SERVING" in st.stdout
-        down = subprocess.run([sys.executable, "-m", "searchrl", "down", "--state-dir", str(tmp_path)], capture_output=True, text=True, timeout=90)
+        down = subprocess.run(
+            [sys.executable, "-m", "searchrl", "down", "--state-dir", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
         assert down.returncode == 0, down.stdout + down.stderr
         assert up.wait(30) == 0
     finally:
         if up.poll() is None:
             up.kill()
-    st = subprocess.run([sys.executable, "-m", "searchrl", "status", "--state-dir", str(tmp_path)], capture_output=True, text=True)
+    st = subprocess.run(
+        [sys.executable, "-m", "searchrl", "status", "--state-dir", str(tmp_path)], capture_output=True, text=True
+    )
     assert st.returncode == 1 and "no stack running" in st.stdout
 
 

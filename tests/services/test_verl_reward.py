@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from searchrl.errors import InvalidRequest
-from searchrl.services.reward import verl_reward
-from searchrl.services.reward.verl_reward import compute_score, golden_answers_of
+from searchrl.reward import verl_reward
+from searchrl.reward.verl_reward import compute_score, golden_answers_of
 
 GOOD = "<think> Zola wrote it. </think> <answer> \\boxed{Émile Zola} </answer>"
 WRONG = "<think> guess </think> <answer> \\boxed{Victor Hugo} </answer>"
@@ -58,7 +58,7 @@ def test_through_verl_naive_reward_manager(tokenizer, how: str) -> None:  # type
     from verl.trainer.ppo.reward import get_custom_reward_fn
     from verl.workers.reward_manager.naive import NaiveRewardManager
 
-    path = "pkg://searchrl.services.reward.verl_reward" if how == "pkg" else str(Path(verl_reward.__file__).resolve())
+    path = "pkg://searchrl.reward.verl_reward" if how == "pkg" else str(Path(verl_reward.__file__).resolve())
     cfg = OmegaConf.create(
         {
             "reward": {

@@ -15,8 +15,8 @@ from searchrl.client.base import ChannelOptions
 from searchrl.client.simulation import SimulatorClient
 from searchrl.errors import InvalidRequest
 from searchrl.rollout.v1 import rollout_pb2
-from searchrl.services.cache import SearchCache
-from searchrl.services.runtime import GrpcServer, ServiceSpec
+from searchrl.serving.cache import SearchCache
+from searchrl.serving.runtime import GrpcServer, ServiceSpec
 from searchrl.simulation.v1 import simulation_pb2, simulation_pb2_grpc
 from searchrl.simulator.curriculum import Quality, draw_qualities
 from searchrl.simulator.engines import OpenAISimulationEngine

@@ -12,10 +12,7 @@ from collections.abc import Sequence
 import pytest
 from transformers import AutoTokenizer
 
-from searchrl.errors import InvalidRequest
-from searchrl.rollout.v1 import rollout_pb2
-from searchrl.testing import free_port
-from searchrl.trainer.agent_loop import (
+from searchrl.agent.loop import (
     SEARCHES,
     AgentLoop,
     AgentLoopConfig,
@@ -27,7 +24,10 @@ from searchrl.trainer.agent_loop import (
     format_documents,
     run_episodes,
 )
-from searchrl.trainer.search_backends import InProcessSearch, MixedSearch, NoSearch, RetrieverSearch, SimulatorSearch
+from searchrl.agent.search import InProcessSearch, MixedSearch, NoSearch, RetrieverSearch, SimulatorSearch
+from searchrl.errors import InvalidRequest
+from searchrl.rollout.v1 import rollout_pb2
+from searchrl.testing import free_port
 
 DOCS = {
     "eiffel": [

@@ -106,7 +106,7 @@ def test_prepare_writes_verl_parquet_that_rlhf_dataset_reads(tmp_path: Path, pol
     batch = collate_fn([ds[i] for i in range(4)])
     assert len(batch["raw_prompt"]) == 4
     # The chat-templated prompt is the one our agent loop renders for the same question.
-    from searchrl.trainer.prompts import render_prompt
+    from searchrl.agent.prompts import render_prompt
 
     rendered = tok.apply_chat_template(item["raw_prompt"], tokenize=False, add_generation_prompt=True)
     assert rendered == render_prompt(tok, extra["question"]).text

@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir, initialize_config_module  # no
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIG_DIR = REPO / "trainer" / "config"
+CONFIG_DIR = REPO / "trainer" / "searchrl" / "trainer" / "config"
 PRIMARY = ("research_grpo", "zerosearch_grpo")
 OURS = ("searchrl_common", *PRIMARY)
 _MISSING = object()

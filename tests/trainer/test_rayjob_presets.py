@@ -88,7 +88,9 @@ def probe(jobs: list[dict[str, Any]], cwd: Path) -> list[dict[str, Any]]:
     return out
 
 
-RELATIVE_TOOLS = "actor_rollout_ref.rollout.multi_turn.tool_config_path=trainer/config/tools/searchrl_search.yaml"
+RELATIVE_TOOLS = (
+    "actor_rollout_ref.rollout.multi_turn.tool_config_path=trainer/searchrl/trainer/config/tools/searchrl_search.yaml"
+)
 SGLANG_NO_TOKENIZER = ["actor_rollout_ref.rollout.name=sglang", "actor_rollout_ref.rollout.skip_tokenizer_init=true"]
 
 
@@ -149,9 +151,11 @@ def test_presets_run_directly_by_verl_name_the_image_paths(
     from omegaconf import OmegaConf
 
     monkeypatch.delenv("SEARCHRL_CONFIG_DIR", raising=False)
-    common = OmegaConf.load(REPO / "trainer" / "config" / "searchrl_common.yaml")
+    common = OmegaConf.load(REPO / "trainer" / "searchrl" / "trainer" / "config" / "searchrl_common.yaml")
     for name in ("research_grpo", "zerosearch_grpo"):
-        merged = OmegaConf.merge(common, OmegaConf.load(REPO / "trainer" / "config" / f"{name}.yaml"))
+        merged = OmegaConf.merge(
+            common, OmegaConf.load(REPO / "trainer" / "searchrl" / "trainer" / "config" / f"{name}.yaml")
+        )
         rollout = merged.actor_rollout_ref.rollout
         assert rollout.multi_turn.tool_config_path.startswith("/app/trainer/config/")
         assert rollout.agent.agent_loop_config_path.startswith("/app/trainer/config/")

@@ -10,7 +10,7 @@ from searchrl.errors import InvalidRequest
 from searchrl.trainer.config import TrainConfig, describe_fields, load_config
 from searchrl.trainer.guards import Guards
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "trainer" / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "trainer" / "searchrl" / "trainer" / "configs"
 
 
 def test_defaults_follow_the_anchors() -> None:
@@ -151,7 +151,9 @@ def test_search_failure_guard_stops_by_default_and_ignores_small_samples() -> No
 def test_search_failure_window_raises_past_the_ratio() -> None:
     from searchrl.trainer.guards import SearchFailuresExceeded, SearchFailureWindow
 
-    w = SearchFailureWindow.from_env({"SEARCHRL_MAX_SEARCH_FAILURE_RATIO": "0.25", "SEARCHRL_SEARCH_FAILURE_WINDOW": "8"})
+    w = SearchFailureWindow.from_env(
+        {"SEARCHRL_MAX_SEARCH_FAILURE_RATIO": "0.25", "SEARCHRL_SEARCH_FAILURE_WINDOW": "8"}
+    )
     w.record([False] * 6 + [True])  # 7 searches: below the window, no verdict
     w.record([True])  # 2 of 8 = 25%: at the limit
     with pytest.raises(SearchFailuresExceeded, match="3 of the last 8 searches failed"):

@@ -70,7 +70,7 @@ def test_format_progress() -> None:
 
 
 def test_load_reward_function(tmp_path: Path) -> None:
-    fn = load_reward_function("pkg://searchrl.services.reward.verl_reward:compute_score")
+    fn = load_reward_function("pkg://searchrl.reward.verl_reward:compute_score")
     out = fn(
         data_source="x",
         solution_str="<think>k</think><answer> \\boxed{Paris} </answer>",
@@ -247,7 +247,7 @@ def test_train_cli_config_commands(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["--help-config"]) == 0
     listing = capsys.readouterr().out
     assert "algorithm.kl_coef" in listing and "guards.no_search.steps" in listing
-    cfg_file = Path(__file__).resolve().parents[2] / "trainer" / "configs" / "local_demo.yaml"
+    cfg_file = Path(__file__).resolve().parents[2] / "trainer" / "searchrl" / "trainer" / "configs" / "local_demo.yaml"
     assert main(["--config", str(cfg_file), "--print-config", "algorithm.lr=3e-5", "data.batch_size=2"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["algorithm"]["lr"] == pytest.approx(3e-5) and printed["data"]["batch_size"] == 2

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from omegaconf import OmegaConf
 
+from searchrl.agent.loop import SearchContext, SearchOutcome
 from searchrl.rollout.v1 import rollout_pb2
 from searchrl.services.policy.engines import TransformersEngine
 from searchrl.testing import ServiceProcess, free_port
-from searchrl.trainer.agent_loop import SearchContext, SearchOutcome
 
 pytest.importorskip("verl")
 
@@ -138,10 +138,12 @@ def tls_retriever(
 
 
 def load_tool(monkeypatch: pytest.MonkeyPatch, target: str) -> Any:
-    """Our tool, built by verl's own loader from trainer/config/tools/searchrl_search.yaml."""
+    """Our tool, built by verl's own loader from trainer/searchrl/trainer/config/tools/searchrl_search.yaml."""
     monkeypatch.setenv("SEARCHRL_RETRIEVER_TARGET", target)
     monkeypatch.setenv("SEARCHRL_SEARCH_BACKEND", "retriever")
-    (tool,) = initialize_tools_from_config(str(REPO / "trainer" / "config" / "tools" / "searchrl_search.yaml"))
+    (tool,) = initialize_tools_from_config(
+        str(REPO / "trainer" / "searchrl" / "trainer" / "config" / "tools" / "searchrl_search.yaml")
+    )
     return tool
 
 
@@ -173,7 +175,7 @@ def make_loop(
     config = OmegaConf.create(
         {"actor_rollout_ref": {"rollout": rollout}, "trainer": {"total_training_steps": 10}, "data": {}}
     )
-    entries = OmegaConf.load(REPO / "trainer" / "config" / "agent_loops.yaml")
+    entries = OmegaConf.load(REPO / "trainer" / "searchrl" / "trainer" / "config" / "agent_loops.yaml")
     spec = next(e for e in entries if e.name == "searchrl_research")
     assert _agent_loop_registry["searchrl_research"]["_target_"] == spec._target_
     spec = OmegaConf.merge(spec, settings)
@@ -350,7 +352,7 @@ def _reward_through_verl(engine: TransformersEngine, out: AgentLoopOutput, row: 
     from verl import DataProto
     from verl.experimental.reward_loop.reward_manager.naive import NaiveRewardManager
 
-    from searchrl.services.reward.verl_reward import compute_score
+    from searchrl.reward.verl_reward import compute_score
 
     n = len(out.response_ids)
     data = DataProto.from_dict(

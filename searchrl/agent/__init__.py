@@ -1,0 +1,1 @@
+"""The agent: the search-augmented rollout loop, its tag protocols and answer parsing, and the search backends it calls."""

@@ -1,0 +1,1 @@
+"""QA examples and their loaders (bundled benchmark subsets, JSONL, parquet)."""

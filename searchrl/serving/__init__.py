@@ -1,0 +1,1 @@
+"""What every gRPC service shares: settings, the server runtime, the Redis search cache."""

@@ -1,0 +1,459 @@
+"""PolicyService: ``searchrl.policy.v1.PolicyService`` on the shared gRPC runtime (``searchrl serve policy``).
+
+* ``Generate`` - n completions of a prompt (text or token ids) with token ids and per-token log-probs.
+* ``Rollout`` - one ReSearch episode through :class:`searchrl.agent.loop.AgentLoop`, streaming each turn as it
+  finishes and then the trajectory (with the reward from :mod:`searchrl.reward.scoring` when gold answers are
+  given). With ``--redis-url`` every finished trajectory is also appended to the rollout stream.
+* ``GetModelInfo``, ``LoadWeights`` (hot-swap: in-flight requests finish on the old weights).
+
+Engines: ``transformers`` (CPU, the embedded SmolLM2-135M-Instruct by default) or ``sglang`` (GPU; an in-process
+``sglang.Engine``, or a remote SGLang server with ``--sglang-url``).
+
+Metrics (besides the runtime's per-RPC ones): ``searchrl_policy_generated_tokens_total``,
+``searchrl_policy_episodes_total{finish_reason}``, ``searchrl_policy_searches_total{backend,outcome}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import Counter
+
+from searchrl.agent.loop import AgentLoop, AgentLoopConfig, GenerationOutput, TurnRecord
+from searchrl.agent.search import build_search_backend
+from searchrl.client.base import ChannelOptions
+from searchrl.errors import InvalidRequest
+from searchrl.policy.v1 import policy_pb2, policy_pb2_grpc
+from searchrl.serving.config import field
+from searchrl.serving.runtime import ServerConfig, ServiceSpec, run_service
+
+log = logging.getLogger("searchrl.policy")
+
+SERVICE_NAME = policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name
+
+GENERATED_TOKENS = Counter(
+    "searchrl_policy_generated_tokens_total", "Tokens sampled by the policy (Generate and Rollout)."
+)
+EPISODES = Counter("searchrl_policy_episodes_total", "Rollout episodes finished, by finish reason.", ["finish_reason"])
+SEARCH_BACKENDS = ("retriever", "simulator", "mixed", "none")
+
+
+@dataclass
+class PolicyConfig(ServerConfig):
+    """Settings of ``searchrl serve policy`` (flags ``--max-turns`` ..., env ``SEARCHRL_MAX_TURNS`` ...)."""
+
+    grpc_port: int = field(50054, help="gRPC port; 0 picks a free port.")
+    metrics_port: int = field(9094, help="Prometheus /metrics HTTP port; 0 picks a free port, -1 disables.")
+    model: str = field(
+        "smollm2-135m-instruct", help="Model name or checkpoint directory ('smollm2-135m-instruct': the embedded one)."
+    )
+    engine: str = field("transformers", help="Inference engine: transformers (CPU) or sglang (GPU).")
+    sglang_url: str = field(
+        "", help="Base URL of a running SGLang server (engine sglang); empty starts an in-process sglang.Engine."
+    )
+    sglang_deterministic: bool = field(
+        False,
+        help="Engine sglang (in-process): start SGLang with enable_deterministic_inference so that seeded requests "
+        "reproduce their tokens (SGLang ignores seeds otherwise). Slower: pytorch sampling backend, batch-invariant "
+        "kernels. With --sglang-url: states that the server runs with --enable-deterministic-inference.",
+    )
+    dtype: str = field("float32", help="Weights dtype of the transformers engine: float32, bfloat16 or float16.")
+    max_batch_size: int = field(16, help="Rows decoded together by the transformers engine.")
+    batch_wait_ms: float = field(5.0, help="How long an idle engine waits for more requests to join a prefill, in ms.")
+    torch_threads: int = field(
+        0,
+        help="Intra-op threads of the transformers engine (0: torch's default; 1 avoids OpenMP thrashing on a few shared cores).",
+    )
+    max_new_tokens: int = field(1024, help="Limit of max_new_tokens per Generate call and per Rollout turn.")
+    max_n: int = field(64, help="Most completions one Generate call may ask for.")
+    max_prompt_tokens: int = field(0, help="Longest prompt accepted, in tokens; 0: the model's context window.")
+    retriever_target: str = field("", help="host:port of the RetrievalService (search backend 'retriever'/'mixed').")
+    simulator_target: str = field(
+        "", help="host:port of the SimulatedSearchService (search backend 'simulator'/'mixed')."
+    )
+    search_backend: str = field(
+        "auto",
+        help="Default search backend: retriever, simulator, mixed, none, or auto (retriever if set, else simulator, else none).",
+    )
+    mix_ratio: float = field(0.5, help="Share of searches sent to the retriever with search backend 'mixed'.")
+    simulator_training: bool = field(
+        True, help="Send the question and gold answers to the simulator (ZeroSearch training conditioning)."
+    )
+    search_timeout_s: float = field(30.0, help="Deadline of one search, in seconds.")
+    template: str = field("research_instruct", help="Default prompt template: research_instruct or research_base.")
+    protocol: str = field("research", help="Tag protocol: research (<result>) or search_r1 (<information>).")
+    response_prefix: str = field("<think>", help="Text the response starts with (loss mask 0); empty for none.")
+    max_turns: int = field(4, help="Default assistant turns per episode.")
+    max_response_tokens: int = field(1024, help="Default response token budget (generated + inserted).")
+    max_new_tokens_per_turn: int = field(256, help="Default cap of one turn's generation.")
+    top_k: int = field(5, help="Default documents per search.")
+    max_doc_chars: int = field(0, help="Cut each document's text to this many characters; 0: no limit.")
+    reward_scheme: str = field("research", help="Reward scheme of Rollout trajectories (see searchrl.reward.scoring).")
+
+
+def build_engine(config: PolicyConfig) -> Any:
+    """The engine named by ``config.engine``. Call it for ``sglang`` on the serving event loop (see
+    :class:`~searchrl.services.policy.engines.SGLangEngine`), for ``transformers`` anywhere.
+
+    Raises:
+        InvalidRequest: unknown engine.
+        RuntimeError: in-process ``sglang`` without a running event loop in this thread.
+    """
+    from searchrl.assets import policy_model_path
+
+    if config.engine == "transformers":
+        from searchrl.services.policy.engines import TransformersEngine
+
+        return TransformersEngine(
+            policy_model_path(config.model),
+            dtype=config.dtype,
+            max_batch_size=config.max_batch_size,
+            batch_wait_ms=config.batch_wait_ms,
+            torch_threads=config.torch_threads,
+        )
+    if config.engine == "sglang":
+        from searchrl.services.policy.engines import SGLangEngine
+
+        return SGLangEngine(
+            policy_model_path(config.model), url=config.sglang_url, deterministic=config.sglang_deterministic
+        )
+    raise InvalidRequest(f"unknown engine {config.engine!r}; expected transformers or sglang")
+
+
+class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
+    """Implements ``PolicyService`` over one engine and a set of search backends.
+
+    Args:
+        engine: a :class:`~searchrl.agent.loop.GenerationBackend` with ``load_weights``, ``version``,
+            ``max_context_tokens``, ``vocab_size`` and ``eos_token_id`` (both engines of
+            :mod:`searchrl.services.policy.engines`).
+        config: the service settings.
+        searches: search backends by name (``retriever``, ``simulator``, ``mixed``, ``none``).
+        store: a :class:`searchrl.services.rollout_store.RolloutStore`, or ``None``.
+    """
+
+    def __init__(self, engine: Any, config: PolicyConfig, searches: dict[str, Any], store: Any = None) -> None:
+        self.engine = engine
+        self.config = config
+        self.searches = searches
+        self.store = store
+        self.default_search = self._default_search_name()
+
+    def _default_search_name(self) -> str:
+        name = self.config.search_backend
+        if name == "auto":
+            return (
+                "retriever" if "retriever" in self.searches else "simulator" if "simulator" in self.searches else "none"
+            )
+        if name not in SEARCH_BACKENDS:
+            raise InvalidRequest(f"unknown search backend {name!r}; expected one of {SEARCH_BACKENDS} or auto")
+        if name not in self.searches:
+            raise InvalidRequest(
+                f"search backend {name!r} needs --{'retriever' if name == 'retriever' else 'simulator'}-target"
+            )
+        return name
+
+    @property
+    def prompt_limit(self) -> int:
+        """Longest prompt accepted, in tokens."""
+        ctx = int(self.engine.max_context_tokens)
+        return min(self.config.max_prompt_tokens, ctx - 1) if self.config.max_prompt_tokens else ctx - 1
+
+    # ------------------------------------------------------------------------------------------ sampling params
+    def _sampling(self, s: policy_pb2.SamplingParams, default_max: int) -> dict[str, Any]:
+        limit = self.config.max_new_tokens
+        if s.max_new_tokens < 0 or s.max_new_tokens > limit:
+            raise InvalidRequest(f"max_new_tokens must be in [1, {limit}] (0: default), got {s.max_new_tokens}")
+        temperature = s.temperature if s.HasField("temperature") else 1.0
+        top_p = s.top_p if s.HasField("top_p") else 1.0
+        if temperature < 0:
+            raise InvalidRequest(f"temperature must be >= 0, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {top_p}")
+        if s.top_k < 0:
+            raise InvalidRequest(f"top_k must be >= 0, got {s.top_k}")
+        if len(s.stop) > 16 or any(len(x) > 256 or not x for x in s.stop):
+            raise InvalidRequest("stop: at most 16 non-empty strings of at most 256 characters")
+        return {
+            "max_new_tokens": s.max_new_tokens or min(default_max, limit),
+            "temperature": float(temperature),
+            "top_p": float(top_p),
+            "top_k": int(s.top_k),
+            "stop": list(s.stop),
+            "seed": int(s.seed) if s.seed else None,
+        }
+
+    # ------------------------------------------------------------------------------------------ RPCs
+    async def Generate(self, request: policy_pb2.GenerateRequest, context: Any) -> policy_pb2.GenerateResponse:  # noqa: N802
+        """n completions of one prompt.
+
+        Raises:
+            InvalidRequest: no prompt, a prompt over the limit, n outside [1, max_n], bad sampling parameters.
+            Unavailable: the engine failed.
+        """
+        which = request.WhichOneof("prompt")
+        if which == "text":
+            if not request.text:
+                raise InvalidRequest("prompt text is empty")
+            ids = [int(x) for x in self.engine.tokenizer.encode(request.text, add_special_tokens=False)]
+        elif which == "token_ids":
+            ids = list(request.token_ids.ids)
+        else:
+            raise InvalidRequest("set prompt.text or prompt.token_ids")
+        if not ids:
+            raise InvalidRequest("prompt is empty")
+        if len(ids) > self.prompt_limit:
+            raise InvalidRequest(f"prompt has {len(ids)} tokens; the limit is {self.prompt_limit}")
+        n = request.n or 1
+        if not 1 <= n <= self.config.max_n:
+            raise InvalidRequest(f"n must be in [1, {self.config.max_n}], got {request.n}")
+        params = self._sampling(request.sampling, self.config.max_new_tokens)
+        seed = params.pop("seed")
+        top_k = params.pop("top_k")
+        extra = {"top_k": top_k} if top_k else {}
+        outs: list[GenerationOutput] = await asyncio.gather(
+            *(self.engine.generate(ids, seed=None if seed is None else seed + i, **params, **extra) for i in range(n))
+        )
+        GENERATED_TOKENS.inc(sum(len(o.token_ids) for o in outs))
+        return policy_pb2.GenerateResponse(
+            completions=[
+                policy_pb2.Completion(
+                    text=o.text, token_ids=o.token_ids, logprobs=o.logprobs, finish_reason=o.finish_reason
+                )
+                for o in outs
+            ],
+            prompt_tokens=len(ids),
+            policy_version=next((o.policy_version for o in outs if o.policy_version), self.engine.version),
+        )
+
+    def _loop_for(self, request: policy_pb2.RolloutRequest) -> tuple[AgentLoop, int | None]:
+        cfg = self.config
+        backend = request.search_backend or self.default_search
+        if backend not in SEARCH_BACKENDS:
+            raise InvalidRequest(f"unknown search backend {backend!r}; expected one of {SEARCH_BACKENDS}")
+        if backend not in self.searches:
+            raise InvalidRequest(f"search backend {backend!r} is not configured on this server")
+        if request.top_k < 0 or request.top_k > 20:
+            raise InvalidRequest(f"top_k must be in [1, 20] (0: default), got {request.top_k}")
+        if request.max_turns < 0 or request.max_turns > 32:
+            raise InvalidRequest(f"max_turns must be in [1, 32] (0: default), got {request.max_turns}")
+        limit = max(1, int(self.engine.max_context_tokens) - 1)
+        if request.max_response_tokens < 0 or request.max_response_tokens > limit:
+            raise InvalidRequest(
+                f"max_response_tokens must be in [1, {limit}] (0: default), got {request.max_response_tokens}"
+            )
+        s = self._sampling(request.sampling, cfg.max_new_tokens_per_turn)
+        loop_cfg = AgentLoopConfig(
+            template=request.template or cfg.template,
+            protocol=cfg.protocol,
+            max_turns=request.max_turns or cfg.max_turns,
+            max_response_tokens=request.max_response_tokens or cfg.max_response_tokens,
+            max_new_tokens_per_turn=s["max_new_tokens"],
+            top_k=request.top_k or cfg.top_k,
+            temperature=s["temperature"],
+            top_p=s["top_p"],
+            response_prefix=cfg.response_prefix,
+            search_timeout_s=cfg.search_timeout_s,
+            max_doc_chars=cfg.max_doc_chars,
+            max_prompt_tokens=self.prompt_limit,
+        )
+        return AgentLoop(self.engine, self.searches[backend], loop_cfg), s["seed"]
+
+    async def Rollout(
+        self, request: policy_pb2.RolloutRequest, context: Any
+    ) -> AsyncIterator[policy_pb2.RolloutResponse]:  # noqa: N802
+        """Runs one episode; streams each turn as it finishes, then the trajectory.
+
+        Raises:
+            InvalidRequest: empty question, unknown template/backend, out-of-range limits, over-long prompt.
+            Unavailable: the engine failed.
+        """
+        if not request.question.strip():
+            raise InvalidRequest("question is empty")
+        if len(request.question) > 20_000:
+            raise InvalidRequest(f"question has {len(request.question)} characters; the limit is 20000")
+        loop, seed = self._loop_for(request)
+        turns: asyncio.Queue[TurnRecord | None] = asyncio.Queue()
+
+        async def on_turn(turn: TurnRecord) -> None:
+            await turns.put(turn)
+
+        async def run() -> Any:
+            try:
+                return await loop.run(
+                    request.question,
+                    list(request.golden_answers),
+                    question_id=request.question_id,
+                    seed=seed,
+                    on_turn=on_turn,
+                )
+            finally:
+                await turns.put(None)
+
+        task = asyncio.create_task(run())
+        try:
+            while True:
+                turn = await turns.get()
+                if turn is None:
+                    break
+                yield policy_pb2.RolloutResponse(turn=turn.to_proto())
+            episode = await task
+        finally:
+            if not task.done():
+                task.cancel()
+        GENERATED_TOKENS.inc(sum(t.generated_tokens for t in episode.turns))
+        EPISODES.labels(episode.finish_reason).inc()
+        reward = 0.0
+        if episode.golden_answers:
+            from searchrl.reward.scoring import score
+
+            t0 = time.perf_counter()
+            result = score(
+                episode.response_text,
+                episode.golden_answers,
+                self.config.reward_scheme,
+                ended_with_eos=episode.ended_with_eos,
+            )
+            episode.timings["reward_ms"] = (time.perf_counter() - t0) * 1000
+            reward = float(result.reward)
+        trajectory = episode.to_proto(reward=reward)
+        if self.store is not None:
+            try:
+                await self.store.add(trajectory)
+            except Exception as exc:  # the caller still gets its trajectory; the store outage is logged
+                log.warning("rollout store unavailable, trajectory %s not stored: %s", trajectory.id, exc)
+        yield policy_pb2.RolloutResponse(trajectory=trajectory)
+
+    async def GetModelInfo(
+        self, request: policy_pb2.GetModelInfoRequest, context: Any
+    ) -> policy_pb2.GetModelInfoResponse:  # noqa: N802
+        """Describes the loaded model."""
+        e = self.engine
+        return policy_pb2.GetModelInfoResponse(
+            model=e.model_name,
+            engine=e.engine_name,
+            policy_version=e.version,
+            vocab_size=int(e.vocab_size),
+            eos_token_id=int(e.eos_token_id),
+            max_context_tokens=int(e.max_context_tokens),
+        )
+
+    async def LoadWeights(self, request: policy_pb2.LoadWeightsRequest, context: Any) -> policy_pb2.LoadWeightsResponse:  # noqa: N802
+        """Hot-swaps the weights; returns once the new version serves.
+
+        Raises:
+            InvalidRequest: empty or unloadable path.
+        """
+        if not request.path:
+            raise InvalidRequest("path is empty")
+        t0 = time.perf_counter()
+        version = await self.engine.load_weights(request.path, request.policy_version)
+        return policy_pb2.LoadWeightsResponse(policy_version=version, load_ms=(time.perf_counter() - t0) * 1000)
+
+
+class SearchBackends(dict[str, Any]):
+    """Search backends by name, plus the clients (channels) they share; :meth:`close` closes both."""
+
+    def __init__(self, backends: dict[str, Any], clients: Sequence[Any] = ()) -> None:
+        super().__init__(backends)
+        self.clients = list(clients)
+
+    async def close(self) -> None:
+        """Closes every backend, then the shared client channels."""
+        for backend in self.values():
+            closer = getattr(backend, "close", None)
+            if closer is not None:
+                await closer()
+        for client in self.clients:
+            await client.close()
+
+
+def search_channel_options(config: PolicyConfig, environ: Mapping[str, str] | None = None) -> ChannelOptions:
+    """How the policy dials the retriever/simulator: TLS and token from the client environment
+    (:meth:`ChannelOptions.from_env`: ``SEARCHRL_TLS``, ``SEARCHRL_TLS_CA_FILE``, ``SEARCHRL_AUTH_TOKEN_FILE`` ...),
+    the token falling back to this server's own (``auth_token_file``/``auth_token``: the chart gives every service
+    the same one), and ``search_timeout_s`` as the deadline.
+
+    Raises:
+        InvalidRequest: a file named by the environment cannot be read, or a client cert comes without its key.
+    """
+    opts = ChannelOptions.from_env(environ, timeout_s=config.search_timeout_s)
+    if not opts.token:
+        opts.token = config.resolved_token()
+    return opts
+
+
+def build_searches(config: PolicyConfig, environ: Mapping[str, str] | None = None) -> SearchBackends:
+    """Search backends available on this server, by name (``none`` always), over channels with the TLS/token settings
+    of :func:`search_channel_options`.
+
+    Raises:
+        InvalidRequest: as :func:`search_channel_options`.
+    """
+    from searchrl.agent.search import MixedSearch, RetrieverSearch, SimulatorSearch
+    from searchrl.client.retrieval import RetrievalClient
+    from searchrl.client.simulation import SimulatorClient
+
+    out: dict[str, Any] = {"none": build_search_backend("none")}
+    clients: list[Any] = []
+    retriever = simulator = None
+    if config.retriever_target or config.simulator_target:
+        opts = search_channel_options(config, environ)
+        if config.retriever_target:
+            retriever = RetrievalClient(config.retriever_target, opts)
+            clients.append(retriever)
+            out["retriever"] = RetrieverSearch(retriever, timeout_s=config.search_timeout_s)
+        if config.simulator_target:
+            simulator = SimulatorClient(config.simulator_target, opts)
+            clients.append(simulator)
+            # An LLM simulator answers in seconds: at least 60 s (as build_search_backend does).
+            out["simulator"] = SimulatorSearch(
+                simulator, training=config.simulator_training, timeout_s=max(config.search_timeout_s, 60.0)
+            )
+        if retriever is not None and simulator is not None:
+            out["mixed"] = MixedSearch(
+                RetrieverSearch(retriever, timeout_s=config.search_timeout_s),
+                SimulatorSearch(
+                    simulator, training=config.simulator_training, timeout_s=max(config.search_timeout_s, 60.0)
+                ),
+                ratio=config.mix_ratio,
+            )
+    return SearchBackends(out, clients)
+
+
+async def build(config: PolicyConfig) -> tuple[list[ServiceSpec], Any]:
+    """Builds the engine, search backends, rollout store and servicer (the runtime's ``build`` hook)."""
+    if config.engine not in ("transformers", "sglang"):
+        raise InvalidRequest(f"unknown engine {config.engine!r}; expected transformers or sglang")
+    if config.engine == "sglang":
+        # On the serving loop itself: sglang.Engine captures the running loop at construction, and its tokenizer
+        # manager resolves futures on it only. This blocks the loop while the model loads, before the gRPC server
+        # starts; the metrics server (a thread) already answers.
+        engine = build_engine(config)
+    else:
+        engine = await asyncio.to_thread(build_engine, config)
+    searches = build_searches(config)
+    store = None
+    if config.redis_url:
+        from searchrl.services.rollout_store import RolloutStore
+
+        store = RolloutStore(config.redis_url, password=config.redis_password or None)
+    servicer = PolicyServicer(engine, config, searches, store)
+
+    async def cleanup() -> None:
+        await searches.close()
+        if store is not None:
+            await store.close()
+        await engine.close()
+
+    return [ServiceSpec(SERVICE_NAME, servicer, policy_pb2_grpc.add_PolicyServiceServicer_to_server)], cleanup
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``searchrl serve policy``."""
+    return int(run_service(PolicyConfig, "policy", build, argv, description=__doc__ or ""))

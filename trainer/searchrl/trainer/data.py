@@ -1,0 +1,356 @@
+"""Training data: FlashRAG jsonl, FanOutQA and the bundled benchmarks -> verl's RL parquet (``searchrl data prepare``).
+
+verl's ``RLHFDataset`` (``verl/utils/dataset/rl_dataset.py``) reads parquet rows with these columns, which is also what
+Search-R1 and ZeroSearch ship:
+
+==================  ==========================================================================================
+column              content
+==================  ==========================================================================================
+``data_source``     dataset name (``fanoutqa_sub``, ``hotpotqa`` ...); verl passes it to ``compute_score``
+``prompt``          chat messages ``[{"role": "system", ...}, {"role": "user", ...}]`` (ReSearch instruct prompt)
+``ability``         ``"fact-reasoning"``
+``reward_model``    ``{"style": "rule", "ground_truth": {"target": [gold answers]}}``
+``extra_info``      ``{"index", "id", "question", "golden_answers", "split", "source", "tools_kwargs"}`` (+ ``scheme``)
+``agent_name``      which registered verl agent loop runs the row (ours: ``searchrl_research``)
+==================  ==========================================================================================
+
+Sources (``--source``, repeatable): ``fanoutqa-sub`` (FanOutQA dev sub-questions), ``fanoutqa`` (top-level questions),
+``bench:NAME[/SPLIT]`` (``data/benchmarks``) and ``[name=]PATH.jsonl`` (any FlashRAG file). FanOutQA rows are kept
+only when the answer is a scalar (string, number or yes/no): the rewards compare one short answer. Rows are
+de-duplicated by question text, shuffled with ``--seed`` and split into train / validation.
+
+The local trainer reads the same parquet (or any source spec directly) through :func:`load_examples`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from searchrl.errors import InvalidRequest
+
+AGENT_NAME = "searchrl_research"
+"""The verl agent loop that runs our ReSearch protocol (registered by ``searchrl.trainer.verl_plugins``)."""
+TOOL_NAME = "search"
+"""Name of the search tool in the tool-config YAML (``trainer/searchrl/trainer/config/tools/searchrl_search.yaml``)."""
+ABILITY = "fact-reasoning"
+
+
+@dataclass(frozen=True)
+class QAExample:
+    """One training question.
+
+    Attributes:
+        id: row id, unique within its source.
+        question: the question text.
+        golden_answers: accepted answers (non-empty strings).
+        source: dataset name (becomes ``data_source``).
+    """
+
+    id: str
+    question: str
+    golden_answers: tuple[str, ...]
+    source: str
+
+
+def _is_scalar(answer: Any) -> bool:
+    return answer is not None and not isinstance(answer, (list, dict))
+
+
+def load_source(spec: str, *, limit: int | None = None) -> list[QAExample]:
+    """Loads the examples of one source spec (see the module docstring).
+
+    Args:
+        spec: ``fanoutqa-sub``, ``fanoutqa``, ``bench:NAME[/SPLIT]``, ``[name=]PATH.jsonl`` or a prepared
+            ``PATH.parquet``.
+        limit: keep the first ``limit`` usable rows (after the scalar-answer filter).
+
+    Raises:
+        InvalidRequest: unknown spec, missing file, malformed row (the message says where).
+    """
+    spec = spec.strip()
+    if spec.endswith(".parquet"):
+        rows = read_parquet_examples(spec)
+        return rows[:limit] if limit else rows
+    from searchrl.data.datasets import FANOUTQA, FANOUTQA_SUB, load_dataset
+
+    ds = load_dataset(spec)
+    name = ds.name.replace("-", "_")
+    out: list[QAExample] = []
+    for ex in ds.examples:
+        if spec in (FANOUTQA, FANOUTQA_SUB) and not _is_scalar(ex.metadata.get("answer")):
+            continue
+        out.append(QAExample(id=ex.id, question=ex.question, golden_answers=tuple(ex.golden_answers), source=name))
+        if limit and len(out) >= limit:
+            break
+    if not out:
+        raise InvalidRequest(f"source {spec!r} has no usable rows")
+    return out
+
+
+def read_parquet_examples(path: str | Path) -> list[QAExample]:
+    """Reads the questions back from a parquet written by :func:`prepare` (or any verl RL parquet with
+    ``reward_model.ground_truth`` and ``extra_info.question``).
+
+    Raises:
+        InvalidRequest: missing file or a row without question / gold answers.
+    """
+    import pyarrow.parquet as pq
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise InvalidRequest(f"parquet file not found: {p}")
+    table = pq.read_table(p)
+    out: list[QAExample] = []
+    for i, row in enumerate(table.to_pylist()):
+        extra = row.get("extra_info") or {}
+        gt = (row.get("reward_model") or {}).get("ground_truth")
+        golds = gt.get("target") if isinstance(gt, dict) else gt
+        if isinstance(golds, str):
+            golds = [golds]
+        question = extra.get("question")
+        if not question:
+            msgs = row.get("prompt") or []
+            question = next((m["content"] for m in reversed(msgs) if m.get("role") == "user"), "")
+        if not question or not golds:
+            raise InvalidRequest(f"{p} row {i}: needs extra_info.question (or a user message) and ground_truth.target")
+        rid = str(extra.get("id") or extra.get("index", i))
+        out.append(
+            QAExample(
+                id=rid,
+                question=str(question),
+                golden_answers=tuple(str(g) for g in golds),
+                source=str(row.get("data_source", p.stem)),
+            )
+        )
+    if not out:
+        raise InvalidRequest(f"parquet file {p} has no rows")
+    return out
+
+
+def load_examples(specs: Sequence[str], *, limit: int | None = None) -> list[QAExample]:
+    """Concatenates several sources (in order) and drops repeated questions (first one wins).
+
+    Args:
+        specs: source specs or parquet paths.
+        limit: total rows kept.
+    """
+    if not specs:
+        raise InvalidRequest("no data source given")
+    seen: set[str] = set()
+    out: list[QAExample] = []
+    for spec in specs:
+        for ex in load_source(spec):
+            key = " ".join(ex.question.lower().split())
+            if key in seen:
+                continue
+            seen.add(key)
+            out.append(ex)
+            if limit and len(out) >= limit:
+                return out
+    return out
+
+
+def split_examples(
+    examples: Sequence[QAExample], *, val_fraction: float = 0.1, val_size: int | None = None, seed: int = 0
+) -> tuple[list[QAExample], list[QAExample]]:
+    """Shuffles with ``seed`` and splits into ``(train, validation)``.
+
+    Args:
+        examples: all rows.
+        val_fraction: share of rows for validation when ``val_size`` is not given (at least one row when > 0).
+        val_size: exact number of validation rows.
+        seed: shuffle seed; the same seed and rows give the same split.
+
+    Raises:
+        InvalidRequest: the split would leave no training rows, or a fraction outside [0, 1).
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise InvalidRequest(f"val_fraction must be in [0, 1), got {val_fraction}")
+    rows = list(examples)
+    random.Random(seed).shuffle(rows)
+    n_val = val_size if val_size is not None else (max(1, round(len(rows) * val_fraction)) if val_fraction > 0 else 0)
+    if n_val < 0 or n_val >= len(rows):
+        raise InvalidRequest(f"{len(rows)} rows cannot give {n_val} validation rows and at least one training row")
+    return rows[n_val:], rows[:n_val]
+
+
+def prompt_messages(question: str, *, protocol: str = "research") -> list[dict[str, str]]:
+    """The chat messages of the ReSearch instruct prompt for ``question`` (from ``searchrl.agent.prompts``).
+
+    Returns:
+        ``[{"role": "system", "content": ...}, {"role": "user", "content": question}]``.
+    """
+    from searchrl.agent import prompts
+
+    builder = getattr(prompts, "instruct_messages", None)
+    if builder is not None:
+        built: list[dict[str, str]] = builder(question, protocol=protocol)
+        return built
+    # The same messages prompts.render_prompt feeds the chat template for "research_instruct".
+    return [
+        {"role": "system", "content": prompts.system_prompt(protocol)},
+        {"role": "user", "content": f"Question: {question.strip()}"},
+    ]
+
+
+def to_verl_row(
+    ex: QAExample,
+    *,
+    index: int,
+    split: str,
+    protocol: str = "research",
+    scheme: str | None = None,
+    agent_name: str = AGENT_NAME,
+) -> dict[str, Any]:
+    """One verl RL parquet row (see the module docstring for the columns).
+
+    ``scheme`` is stored in ``extra_info`` only when given: a per-row scheme overrides the ``reward_kwargs`` of the
+    verl config, so leave it out unless every consumer of the file should use it.
+    """
+    golds = list(ex.golden_answers)
+    extra: dict[str, Any] = {
+        "index": index,
+        "id": ex.id,
+        "question": ex.question,
+        "golden_answers": golds,
+        "split": split,
+        "source": ex.source,
+        # Read by the search tool's create(): the simulator conditions on the question and gold answers.
+        "tools_kwargs": {TOOL_NAME: {"create_kwargs": {"question": ex.question, "golden_answers": golds}}},
+    }
+    if scheme:
+        extra["scheme"] = scheme
+    return {
+        "data_source": ex.source,
+        "prompt": prompt_messages(ex.question, protocol=protocol),
+        "ability": ABILITY,
+        "reward_model": {"style": "rule", "ground_truth": {"target": golds}},
+        "extra_info": extra,
+        "agent_name": agent_name,
+    }
+
+
+def write_parquet(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Writes verl rows to ``path`` (parent folders created)."""
+    import pandas as pd
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(list(rows)).to_parquet(p, index=False)
+    return p
+
+
+@dataclass
+class PreparedData:
+    """Where :func:`prepare` wrote the splits and how many rows each holds."""
+
+    train_path: Path
+    val_path: Path
+    train_rows: int
+    val_rows: int
+    manifest_path: Path
+
+
+def prepare(
+    sources: Sequence[str],
+    out_dir: str | Path,
+    *,
+    limit: int | None = None,
+    val_fraction: float = 0.1,
+    val_size: int | None = None,
+    seed: int = 0,
+    protocol: str = "research",
+    scheme: str | None = None,
+    agent_name: str = AGENT_NAME,
+) -> PreparedData:
+    """Loads ``sources``, splits them and writes ``train.parquet``, ``val.parquet`` and ``manifest.json``.
+
+    Raises:
+        InvalidRequest: bad source, or too few rows to split.
+    """
+    examples = load_examples(sources, limit=limit)
+    train, val = split_examples(examples, val_fraction=val_fraction, val_size=val_size, seed=seed)
+    out = Path(out_dir).expanduser()
+    kw = {"protocol": protocol, "scheme": scheme, "agent_name": agent_name}
+    train_path = write_parquet(
+        [to_verl_row(e, index=i, split="train", **kw) for i, e in enumerate(train)], out / "train.parquet"
+    )
+    val_path = write_parquet(
+        [to_verl_row(e, index=i, split="validation", **kw) for i, e in enumerate(val)], out / "val.parquet"
+    )
+    manifest = {
+        "sources": list(sources),
+        "seed": seed,
+        "limit": limit,
+        "val_fraction": val_fraction,
+        "val_size": val_size,
+        "protocol": protocol,
+        "scheme": scheme,
+        "agent_name": agent_name,
+        "train_rows": len(train),
+        "val_rows": len(val),
+        "by_source": {s: sum(1 for e in examples if e.source == s) for s in sorted({e.source for e in examples})},
+    }
+    manifest_path = out / "manifest.json"
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return PreparedData(train_path, val_path, len(train), len(val), manifest_path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``searchrl data prepare``: writes verl parquet splits; returns the exit code."""
+    parser = argparse.ArgumentParser(
+        prog="searchrl data", description="Prepare training data in verl's parquet format."
+    )
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare", help="FlashRAG jsonl / FanOutQA / bundled benchmarks -> train/val parquet")
+    p.add_argument(
+        "--source",
+        action="append",
+        default=None,
+        help="fanoutqa-sub | fanoutqa | bench:NAME[/SPLIT] | [name=]PATH.jsonl (repeatable; default fanoutqa-sub)",
+    )
+    p.add_argument("--out", default="data/train", help="output folder for train.parquet, val.parquet, manifest.json")
+    p.add_argument("--limit", type=int, default=None, help="keep at most this many rows in total")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of rows for validation")
+    p.add_argument(
+        "--val-size", type=int, default=None, help="exact number of validation rows (overrides --val-fraction)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="shuffle seed of the split")
+    p.add_argument(
+        "--protocol", choices=("research", "search_r1"), default="research", help="tag protocol of the prompt"
+    )
+    p.add_argument(
+        "--scheme",
+        default=None,
+        help="reward scheme stored in extra_info.scheme (default: none, the verl config's reward_kwargs decide)",
+    )
+    p.add_argument("--agent-name", default=AGENT_NAME, help="verl agent loop for each row (agent_name column)")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    try:
+        res = prepare(
+            args.source or ["fanoutqa-sub"],
+            args.out,
+            limit=args.limit,
+            val_fraction=args.val_fraction,
+            val_size=args.val_size,
+            seed=args.seed,
+            protocol=args.protocol,
+            scheme=args.scheme,
+            agent_name=args.agent_name,
+        )
+    except (InvalidRequest, FileNotFoundError) as exc:
+        print(f"searchrl data prepare: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {res.train_path} ({res.train_rows} rows) and {res.val_path} ({res.val_rows} rows)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
