@@ -18,7 +18,7 @@ help:
 	@echo "make test         the test suite (unit, service, e2e; GPU tests skipped), lint and deploy checks"
 	@echo "make test-gpu     GPU smoke test, inside each GPU image's smoke target (scripts/gpu_smoke.sh --help)"
 	@echo "make proto        regenerate the gRPC code from proto/"
-	@echo "make lint         ruff, mypy (strict core), buf lint, hadolint"
+	@echo "make lint         ruff, mypy (strict core), import layers (lint-imports), buf lint, hadolint"
 	@echo "make deploy-check helm lint/template, schema validation, promtool"
 	@echo "make bench        run the benchmarks in benchmarks/"
 
@@ -46,7 +46,8 @@ proto: setup
 lint: setup tools
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check services retriever simulator trainer evaluator searchrl/cli.py searchrl/errors.py
-	$(BIN)/mypy --strict searchrl/reward/scoring.py trainer/searchrl/trainer/grpo.py searchrl/agent/loop.py simulator/searchrl/simulator/curriculum.py
+	$(BIN)/mypy --strict -p searchrl.agent -p searchrl.reward -p searchrl.data -p searchrl.serving -p searchrl.client -m searchrl.errors -m searchrl.assets -m searchrl.tracking -m searchrl.trainer.grpo -m searchrl.simulator.curriculum
+	$(BIN)/lint-imports
 	cd proto && buf lint
 	if git describe --tags --match "v*" --abbrev=0 >/dev/null 2>&1; then buf breaking proto --against ".git#tag=$$(git describe --tags --match "v*" --abbrev=0),subdir=proto"; fi
 	bash scripts/hadolint_all.sh

@@ -8,7 +8,7 @@ all-MiniLM-L6-v2 / e5-base-v2 shapes, all randomly initialised:
   log-probs) given the model object, as the local trainer does; 1 and 16 concurrent requests, each sampling 256 tokens
   at T=1 after a 256-token prompt whose first half all rows share (the system prompt); bfloat16 weights on CUDA,
   float32 on CPU. Result: generated tokens/s.
-* ``grpo``: one GRPO update of the local trainer, ``LocalTrainer._update`` (``searchrl.trainer.local``) on 4 questions
+* ``grpo``: one GRPO update of the local trainer, ``GRPOUpdater.update`` (``searchrl.trainer.local``) on 4 questions
   x 4 samples, float32 master weights + AdamW, forward passes under bfloat16 autocast (``model.dtype: bfloat16``),
   the loss from ``searchrl.trainer.grpo`` (verl ``core_algos``). Result: seconds per update (mean of 2 after a
   warm-up).
@@ -22,8 +22,8 @@ version above it), writes it as JSON with ``--json``, and exits 1 when any row f
 
 Runs from a checkout with searchrl installed (``python benchmarks/gpu_torch_bench.py``), and on a bare GPU machine
 that holds only torch, transformers, tokenizers and sentence-transformers (e.g. torch 2.11 + CUDA 13 on Python 3.12):
-when ``searchrl`` is not installed, the script imports it from the repository tree around it (the folder mapping of
-``setup.py``). The pure-Python packages such a machine lacks are carried as wheels (about 6 MB). Prepare them here,
+when ``searchrl`` is not installed, the script imports it from the repository tree around it (the folders that hold
+the ``searchrl`` namespace, pyproject.toml ``dev-mode-dirs``). The pure-Python packages such a machine lacks are carried as wheels (about 6 MB). Prepare them here,
 in the repository root, once::
 
     echo /.whl/ >> .git/info/exclude
@@ -51,7 +51,6 @@ seconds). Without ``--device``, a machine with no CUDA device prints why and exi
 from __future__ import annotations
 
 import argparse
-import ast
 import asyncio
 import copy
 import importlib.abc
@@ -80,39 +79,18 @@ STOP_STRINGS = ("</search>", "</answer>")  # what the ReSearch agent loop sends 
 
 
 # --------------------------------------------------------------------------------------------------- bootstrap
-def repo_components(root: Path) -> dict[str, str]:
-    """``setup.py``'s ``COMPONENTS`` (import name -> folder), read without running setup.py.
+def source_roots(root: Path) -> list[Path]:
+    """The folders that hold the ``searchrl`` namespace in a checkout (pyproject.toml ``dev-mode-dirs``: the core in
+    ``searchrl/`` and each application in ``<app>/searchrl/<app>/``), as an editable install puts them on sys.path.
 
     Raises:
-        FileNotFoundError: ``root/setup.py`` is missing.
-        ValueError: setup.py has no literal ``COMPONENTS = {...}`` assignment.
+        FileNotFoundError: ``root/pyproject.toml`` is missing.
+        KeyError: it has no ``[tool.hatch.build.targets.wheel] dev-mode-dirs``.
     """
-    tree = ast.parse((root / "setup.py").read_text())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "COMPONENTS" for t in node.targets):
-            value = ast.literal_eval(node.value)
-            if isinstance(value, dict):
-                return {str(k): str(v) for k, v in value.items()}
-    raise ValueError(f"{root / 'setup.py'} has no literal COMPONENTS mapping")
+    import tomllib
 
-
-class _RepoPackages(importlib.abc.MetaPathFinder):
-    """Finds the ``searchrl.*`` component packages in a source tree (``searchrl.retriever`` -> ``retriever/``)."""
-
-    def __init__(self, root: Path, components: dict[str, str]) -> None:
-        self.root = root
-        self.components = components
-
-    def find_spec(self, fullname: str, path: Sequence[str] | None = None, target: Any = None) -> Any:
-        folder = self.components.get(fullname)
-        if folder is None:
-            return None
-        init = self.root / folder / "__init__.py"
-        if not init.exists():
-            return None
-        return importlib.util.spec_from_file_location(
-            fullname, init, submodule_search_locations=[str(self.root / folder)]
-        )
+    config = tomllib.loads((root / "pyproject.toml").read_text())
+    return [(root / d).resolve() for d in config["tool"]["hatch"]["build"]["targets"]["wheel"]["dev-mode-dirs"]]
 
 
 def ensure_searchrl(root: Path = REPO_ROOT) -> str:
@@ -127,8 +105,8 @@ def ensure_searchrl(root: Path = REPO_ROOT) -> str:
     except ModuleNotFoundError:
         pass
     for name in [m for m in sys.modules if m == "searchrl" or m.startswith("searchrl.")]:
-        del sys.modules[name]  # a half-found top-level package from sys.path would shadow the mapping
-    sys.meta_path.insert(0, _RepoPackages(root, repo_components(root)))
+        del sys.modules[name]  # a namespace package found earlier would keep its old, partial __path__
+    sys.path[:0] = [str(p) for p in source_roots(root)]
     importlib.invalidate_caches()
     return f"source tree {root}"
 
@@ -449,12 +427,12 @@ def bench_rollout(shape: LMShape, sizes: Sizes, device: str, budget: Callable[[]
 
 
 def grpo_episodes(sizes: Sizes, vocab: int, seed: int = 0) -> list[Any]:
-    """Scored episodes as ``LocalTrainer._update`` takes them: ``questions x group`` responses of varied length.
+    """Scored episodes as ``GRPOUpdater.update`` takes them: ``questions x group`` responses of varied length.
 
     Each response has an inserted ``<result>`` span (loss mask 0) in its middle, like a ReSearch episode with one
     search; rewards alternate 0/1 inside each group so every advantage is non-zero.
     """
-    from searchrl.trainer.local import _EpisodeData
+    from searchrl.trainer.local import EpisodeData
 
     rng = random.Random(seed)
     hi = vocab - 2
@@ -468,7 +446,7 @@ def grpo_episodes(sizes: Sizes, vocab: int, seed: int = 0) -> list[Any]:
             for i in range(n // 2 - span // 2, n // 2 - span // 2 + span):
                 mask[i] = 0
             out.append(
-                _EpisodeData(
+                EpisodeData(
                     prompt_ids=prompt,
                     response_ids=[rng.randint(1, hi) for _ in range(n)],
                     loss_mask=mask,
@@ -481,13 +459,11 @@ def grpo_episodes(sizes: Sizes, vocab: int, seed: int = 0) -> list[Any]:
 
 
 def bench_grpo(shape: LMShape, sizes: Sizes, device: str, budget: Callable[[], str]) -> list[Row]:
-    """One local GRPO update (``LocalTrainer._update``) in bfloat16 autocast: seconds per update and peak memory."""
+    """One local GRPO update (``GRPOUpdater.update``) in bfloat16 autocast: seconds per update and peak memory."""
     import torch
 
-    from searchrl.trainer import grpo
     from searchrl.trainer.config import TrainConfig
-    from searchrl.trainer.data import QAExample
-    from searchrl.trainer.local import LocalTrainer
+    from searchrl.trainer.local import GRPOUpdater
 
     episodes = sizes.grpo_questions * sizes.grpo_group
     row = Row(
@@ -509,35 +485,18 @@ def bench_grpo(shape: LMShape, sizes: Sizes, device: str, budget: Callable[[], s
                 "algorithm": {"micro_batch_size": sizes.grpo_micro_batch},
             }
         )
-        example = QAExample(id="0", question="bench", golden_answers=("bench",), source="gpu_torch_bench")
-        trainer = LocalTrainer(config, search_backend=object(), examples=[example], reward_fn=lambda *a, **k: 0.0)
         # What LocalTrainer.setup() builds around the update, minus loading a checkpoint, MLflow and the rollout side:
         # float32 master weights and a frozen float32 reference (bfloat16 only through autocast), AdamW, warm-up.
         tok = build_lm_tokenizer(shape.vocab)
-        trainer.tokenizer = tok
-        trainer.model = build_lm(shape, tok, device, torch.float32)
-        trainer.ref_model = copy.deepcopy(trainer.model).eval().requires_grad_(False)
-        trainer.pad_id = int(tok.pad_token_id)
-        algo = config.algorithm
-        trainer.optimizer = torch.optim.AdamW(
-            trainer.model.parameters(), lr=algo.lr, betas=algo.betas, weight_decay=algo.weight_decay
-        )
-        trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda n: 1.0)
-        trainer.actor_cfg = grpo.actor_config(
-            clip_ratio=algo.clip_ratio,
-            clip_ratio_c=algo.clip_ratio_c,
-            loss_agg_mode=algo.loss_agg_mode,
-            kl_loss_coef=algo.kl_coef,
-            kl_loss_type=algo.kl_type,
-            entropy_coeff=algo.entropy_coeff,
-            rollout_n=sizes.grpo_group,
-        )
+        model = build_lm(shape, tok, device, torch.float32)
+        ref = copy.deepcopy(model).eval().requires_grad_(False)
+        trainer = GRPOUpdater(model, ref, config, int(tok.pad_token_id))
         data = grpo_episodes(sizes, shape.vocab)
-        trainer._update(data)  # warm-up: kernels, autotuning, optimizer state allocation
+        trainer.update(data)  # warm-up: kernels, autotuning, optimizer state allocation
         times, peak, metrics = [], 0, {}
         for _ in range(sizes.grpo_timed_updates):
             with Meter(device) as m:
-                metrics = trainer._update(data)
+                metrics = trainer.update(data)
             times.append(m.seconds)
             peak = max(peak, m.peak or 0)
         row.value = sum(times) / len(times)

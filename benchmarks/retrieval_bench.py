@@ -180,7 +180,7 @@ def tuning(loaded, queries: list[str], reps: int) -> list[str]:  # noqa: ANN001 
             ts.append(time.perf_counter() - s)
         return statistics.median(ts) * 1000
 
-    from searchrl.retriever.embed import cpu_has_native_bf16
+    from retrieval_support import cpu_has_native_bf16
 
     saved_torch = torch.get_num_threads()
     # (label, encoder, packing pooling or None, bucket overhead tokens, torch threads, split over the workers)
@@ -227,13 +227,14 @@ def tuning(loaded, queries: list[str], reps: int) -> list[str]:  # noqa: ANN001 
 
 # ----------------------------------------------------------------------------------------------- memory
 def memory(index_dir, loaded, queries: list[str], wiki: bool) -> list[str]:  # noqa: ANN001
+    from retrieval_support import measure_index_memory
+
     from searchrl.retriever.index import (
         IndexParams,
         ShardSet,
         build_from_shards,
         ensure_wiki_index,
         load_index,
-        measure_index_memory,
         recall_at_k,
     )
 

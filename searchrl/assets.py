@@ -35,6 +35,14 @@ def cache_dir() -> Path:
     return d
 
 
+def offline_defaults(allow_download: bool = False) -> None:
+    """Process defaults for loading models: ``HF_HUB_OFFLINE=1`` (unless ``allow_download``) and
+    ``TOKENIZERS_PARALLELISM=false`` (no fork warnings from tokenizers); a value already in the environment wins."""
+    if not allow_download:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
 def _package_dir(module: str, pip_name: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
@@ -75,7 +83,7 @@ def policy_model_path(name_or_path: str = EMBEDDED_POLICY) -> str:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
         # The de-quantised weights are dense: drop the quantizer so save_pretrained writes a plain checkpoint.
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]  # transformers types it as always set
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         # per-process temporary folder, then an atomic rename: concurrent processes (pytest-xdist workers, the

@@ -20,6 +20,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from searchrl.assets import offline_defaults
+
 # command -> (module, function, help); for "serve" the second word picks the service.
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "index": ("searchrl.retriever.cli", "main", "build, evaluate and inspect FAISS indexes"),
@@ -27,12 +29,14 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "data": ("searchrl.trainer.data", "main", "prepare training data (verl parquet)"),
     "train": ("searchrl.trainer.cli", "main", "run the local GRPO trainer"),
     "eval": ("searchrl.evaluator.cli", "main", "evaluate a policy on QA benchmarks"),
-    "rollouts": ("searchrl.services.rollout_store", "main", "inspect / export the Redis rollout stream"),
+    "rollouts": ("searchrl.services.rollouts.cli", "main", "inspect / export the Redis rollout stream"),
     "up": ("searchrl.stack", "up_main", "start every service on this machine"),
     "down": ("searchrl.stack", "down_main", "stop a stack started with 'up'"),
     "status": ("searchrl.stack", "status_main", "health of a stack started with 'up'"),
     "demo": ("searchrl.demo", "main", "the end-to-end demo (make demo)"),
 }
+# Commands that load models from local files only (HF_HUB_OFFLINE=1 unless the environment says otherwise).
+OFFLINE_COMMANDS = ("serve", "eval")
 SERVICES: dict[str, str] = {
     "reward": "searchrl.services.reward.server",
     "retriever": "searchrl.retriever.server",
@@ -65,6 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(version("searchrl"))
         return 0
     cmd, rest = args[0], args[1:]
+    if cmd in OFFLINE_COMMANDS:
+        offline_defaults()
     if cmd == "serve":
         if not rest or rest[0] not in SERVICES:
             print(f"usage: searchrl serve {{{','.join(SERVICES)}}} [flags]", file=sys.stderr)

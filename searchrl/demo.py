@@ -170,18 +170,18 @@ def _held_out_jsonl(val_parquet: Path, out: Path, n: int) -> Path:
 
 
 def _eval_config(a: DemoArgs, agent_response_prefix: str | None = None) -> Any:
-    from searchrl.evaluator.runner import EvalConfig
+    from searchrl.evaluator.methods import EvalConfig
 
     return EvalConfig(
         max_turns=a.max_turns,
-        max_new_tokens=a.max_new_tokens,
+        max_new_tokens_per_turn=a.max_new_tokens,
         max_response_tokens=a.max_turns * (a.max_new_tokens + 160),
         top_k=3,
         max_doc_chars=300,
         temperature=0.0,
         concurrency=8,
         seed=a.seed,
-        agent_response_prefix=agent_response_prefix,
+        **({} if agent_response_prefix is None else {"response_prefix": agent_response_prefix}),
     )
 
 
@@ -197,7 +197,7 @@ async def _evaluate(
 ) -> Any:
     from searchrl.agent.search import RetrieverSearch
     from searchrl.client.policy import PolicyClient
-    from searchrl.evaluator.runner import evaluate
+    from searchrl.evaluator.driver import evaluate
     from searchrl.services.policy.engines import RemotePolicyBackend
 
     async with PolicyClient(endpoints["policy"]) as pc:
@@ -245,7 +245,7 @@ def _train_config(a: DemoArgs, endpoints: dict[str, str], train_parquet: Path, m
         f"rollout.search.backend={backend}",
         f"rollout.search.retriever_target={endpoints['retriever']}",
         f"rollout.search.simulator_target={endpoints['simulator']}",
-        f"rollout.search.mixed_ratio={a.mixed_ratio}",
+        f"rollout.search.mix_ratio={a.mixed_ratio}",
         f"algorithm.lr={a.lr}",
         f"trainer.max_steps={a.steps}",
         f"trainer.output_dir={a.out / 'train'}",

@@ -16,7 +16,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +25,15 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from searchrl.serving.process import free_port, wait_for_health
+from searchrl.serving.process import (
+    free_port,
+    poll_until,
+    redis_command,
+    serve_command,
+    stop_process_group,
+    wait_for_health,
+    wait_for_redis,
+)
 
 log = logging.getLogger("searchrl.stack")
 
@@ -99,12 +106,11 @@ class Supervisor:
 
     def _spawn(self, spec: ChildSpec) -> subprocess.Popen[bytes]:
         logf = open(self.log_path(spec.name), "ab")  # noqa: SIM115 - owned by the child
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **spec.env}
         return subprocess.Popen(
             spec.cmd,
             stdout=logf,
             stderr=subprocess.STDOUT,
-            env=env,
+            env={**os.environ, **spec.env},
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )
@@ -167,16 +173,8 @@ class Supervisor:
             self._monitor.join(5)
         for spec in reversed(self.specs):
             proc = self.procs.get(spec.name)
-            if proc is None or proc.poll() is not None:
-                continue
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+            if proc is not None:
+                stop_process_group(proc, grace_s)
         with contextlib.suppress(FileNotFoundError):
             (self.state_dir / "stack.json").unlink()
 
@@ -217,6 +215,7 @@ def start_stack(cfg: StackConfig, progress: object = None) -> tuple[Supervisor, 
     Raises:
         FileNotFoundError: redis-server is missing (the message says how to install it).
         RuntimeError: a service did not become healthy (with its log tail).
+        TimeoutError: the private Redis did not answer within 20 s.
     """
     state = Path(cfg.state_dir).resolve()
     sup = Supervisor(state)
@@ -224,45 +223,20 @@ def start_stack(cfg: StackConfig, progress: object = None) -> tuple[Supervisor, 
     say = progress if callable(progress) else (lambda msg: print(f"[searchrl up] {msg}", flush=True))
     try:
         if cfg.redis:
-            binary = shutil.which("redis-server")
-            if binary is None:
-                raise FileNotFoundError(
-                    "redis-server not found. Install it (Debian/Ubuntu: sudo apt-get install redis-server; "
-                    "macOS: brew install redis) or pass --redis-url to use an existing Redis."
-                )
             rport = 6390 if cfg.fixed_ports else free_port()
-            rdir = state / "redis"
-            rdir.mkdir(exist_ok=True)
-            sup.start(
-                ChildSpec(
-                    "redis",
-                    [
-                        binary,
-                        "--port",
-                        str(rport),
-                        "--bind",
-                        "127.0.0.1",
-                        "--save",
-                        "",
-                        "--appendonly",
-                        "no",
-                        "--dir",
-                        str(rdir),
-                    ],
-                )
-            )
+            (state / "redis").mkdir(exist_ok=True)
+            sup.start(ChildSpec("redis", redis_command(rport, state / "redis")))
             endpoints["redis"] = f"redis://127.0.0.1:{rport}/0"
-            _wait_redis(endpoints["redis"])
+            wait_for_redis(endpoints["redis"], proc=sup.procs["redis"])
         elif cfg.redis_url:
             endpoints["redis"] = cfg.redis_url
         endpoints["mlflow"] = f"sqlite:///{state / 'mlflow.db'}"
-        py = [sys.executable, "-m", "searchrl", "serve"]
         redis_args = ["--redis-url", endpoints["redis"]] if "redis" in endpoints else []
         for name in SERVICE_ORDER:
             if name not in cfg.services:
                 continue
             gport, mport = _ports(cfg, name)
-            args = [*py, name, "--grpc-port", str(gport), "--metrics-port", str(mport)]
+            args: list[str] = []
             if name == "retriever":
                 if not cfg.index_dir:
                     raise ValueError("the retriever needs an index: searchrl index build ... then --index-dir")
@@ -279,7 +253,7 @@ def start_stack(cfg: StackConfig, progress: object = None) -> tuple[Supervisor, 
                     args += ["--simulator-target", endpoints["simulator"]]
             if name in ("policy", "simulator", "retriever"):
                 args += ["--torch-threads", str(cfg.threads_per_service)]
-            args += cfg.extra_args.get(name, [])
+            args = serve_command(name, gport, mport, [*args, *cfg.extra_args.get(name, [])])
             say(f"starting {name} on 127.0.0.1:{gport} ...")
             t0 = time.monotonic()
             # One machine, several model servers: a few OpenMP threads each (spinning OpenMP teams on oversubscribed
@@ -296,23 +270,6 @@ def start_stack(cfg: StackConfig, progress: object = None) -> tuple[Supervisor, 
         sup.stop()
         raise
     return sup, endpoints
-
-
-def _wait_redis(url: str, timeout_s: float = 20.0) -> None:
-    import redis
-
-    client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            client.ping()
-            return
-        except redis.ConnectionError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"redis at {url} did not answer within {timeout_s:.0f}s") from None
-            time.sleep(0.05)
-        finally:
-            client.close()
 
 
 def _print_endpoints(endpoints: dict[str, str]) -> None:
@@ -369,7 +326,7 @@ def up_main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         sup, endpoints = start_stack(cfg)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+    except (FileNotFoundError, ValueError, RuntimeError, TimeoutError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     _print_endpoints(endpoints)
@@ -404,20 +361,24 @@ def down_main(argv: Sequence[str] | None = None) -> int:
         print("supervisor already gone; removing stale state")
         (Path(a.state_dir) / "stack.json").unlink(missing_ok=True)
         return 0
-    deadline = time.monotonic() + a.timeout
-    while time.monotonic() < deadline:
+
+    def stopped() -> bool:
         # the supervisor removes stack.json once every child is stopped (it may linger as a zombie of its parent)
         if not (Path(a.state_dir) / "stack.json").exists():
-            print("stack stopped")
-            return 0
+            return True
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            print("stack stopped")
-            return 0
-        time.sleep(0.2)
-    print(f"supervisor {pid} still running after {a.timeout:.0f}s", file=sys.stderr)
-    return 1
+            return True
+        return False
+
+    try:
+        poll_until(stopped, a.timeout, f"supervisor {pid} stopped")
+    except TimeoutError:
+        print(f"supervisor {pid} still running after {a.timeout:.0f}s", file=sys.stderr)
+        return 1
+    print("stack stopped")
+    return 0
 
 
 def status_main(argv: Sequence[str] | None = None) -> int:

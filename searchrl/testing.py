@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from searchrl.serving.process import free_port, wait_for_health
+from searchrl.serving.process import free_port, serve_command, start_redis, stop_process_group, wait_for_health
 
 __all__ = ["ServiceProcess", "free_port", "redis_server", "self_signed_certificate", "wait_for_health"]
 
@@ -46,22 +43,13 @@ class ServiceProcess:
         self.metrics_port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.log_path = Path(tempfile.mkstemp(prefix=f"searchrl-{service}-", suffix=".log")[1])
-        cmd = [
-            sys.executable,
-            "-m",
-            "searchrl",
-            "serve",
-            service,
-            "--grpc-port",
-            str(self.port),
-            "--metrics-port",
-            str(self.metrics_port),
-            *args,
-        ]
-        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
+            serve_command(service, self.port, self.metrics_port, args),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
         )
         try:
             wait_for_health(self.target, timeout_s=timeout_s, proc=self.proc, root_ca=root_ca)
@@ -79,17 +67,9 @@ class ServiceProcess:
 
     def stop(self, timeout_s: float = 20.0) -> int | None:
         """SIGTERM, then SIGKILL of the process group after ``timeout_s``; returns the exit code."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+        code = stop_process_group(self.proc, timeout_s)
         self._log.close()
-        return self.proc.returncode
+        return code
 
     def __enter__(self) -> ServiceProcess:
         return self
@@ -99,40 +79,20 @@ class ServiceProcess:
 
 
 @contextlib.contextmanager
-def redis_server() -> Iterator[str]:
-    """A throwaway ``redis-server`` on a free loopback port (no persistence); yields its URL.
+def redis_server(password: str | None = None) -> Iterator[str]:
+    """A throwaway ``redis-server`` on a free loopback port (no persistence, AUTH with ``password`` when given);
+    yields its URL (without the password).
 
     Raises:
         FileNotFoundError: no ``redis-server`` binary (install Debian's ``redis-server``).
+        RuntimeError | TimeoutError: it exited or did not answer within 20 s.
     """
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise FileNotFoundError("redis-server not found: apt-get install redis-server")
-    port = free_port()
     with tempfile.TemporaryDirectory() as d:
-        proc = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", d],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        proc, url = start_redis(free_port(), d, password=password)
         try:
-            import redis
-
-            client = redis.Redis(host="127.0.0.1", port=port)
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    client.ping()
-                    break
-                except redis.ConnectionError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError("redis-server did not start") from None
-                    time.sleep(0.05)
-            client.close()
-            yield f"redis://127.0.0.1:{port}/0"
+            yield url
         finally:
-            proc.terminate()
-            proc.wait(10)
+            stop_process_group(proc, 10, group=False)
 
 
 def self_signed_certificate(folder: Path, hosts: Sequence[str] = ("localhost", "127.0.0.1")) -> tuple[Path, Path]:

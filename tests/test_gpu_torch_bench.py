@@ -113,12 +113,13 @@ def _load_module() -> Any:
     return module
 
 
-def test_repo_components_are_setup_pys_mapping() -> None:
+def test_source_roots_hold_every_component() -> None:
     mod = _load_module()
-    comps = mod.repo_components(ROOT)
-    assert comps["searchrl.retriever"] == "retriever" and comps["searchrl.client"] == "services/client"
-    for name, folder in comps.items():
-        assert (ROOT / folder / "__init__.py").exists(), name
+    roots = mod.source_roots(ROOT)
+    assert roots[0] == ROOT and ROOT / "retriever" in roots
+    for component in ("agent", "client", "services", "retriever", "simulator", "trainer", "evaluator"):
+        (init,) = [r / "searchrl" / component / "__init__.py" for r in roots if (r / "searchrl" / component).is_dir()]
+        assert init.exists(), component
 
 
 def test_ray_stand_in_rejects_every_use(tmp_path: Path) -> None:

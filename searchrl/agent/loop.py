@@ -24,7 +24,6 @@ Token layout of an episode (shapes are per episode, no padding)::
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -33,8 +32,10 @@ from typing import Any, Protocol
 
 from prometheus_client import Counter
 
-from searchrl.agent.prompts import TEMPLATES, TagProtocol, get_protocol, render_prompt
+from searchrl.agent.prompts import TagProtocol, get_protocol, render_prompt
+from searchrl.agent.settings import AgentSettings
 from searchrl.errors import InvalidRequest
+from searchrl.reward.scoring import extract_answer
 from searchrl.rollout.v1 import rollout_pb2
 
 SEARCHES = Counter(
@@ -130,69 +131,8 @@ class SearchBackend(Protocol):
 # --------------------------------------------------------------------------------------------------- records
 
 
-@dataclass
-class AgentLoopConfig:
-    """Settings of the agent loop.
-
-    Attributes:
-        template: ``"research_instruct"`` (chat template + system prompt) or ``"research_base"`` (plain text).
-        protocol: ``"research"`` (``<result>``) or ``"search_r1"`` (``<information>``).
-        max_turns: assistant turns (generation calls) per episode.
-        max_response_tokens: budget of response tokens, generated plus inserted.
-        max_new_tokens_per_turn: cap of one generation call.
-        top_k: documents per search.
-        temperature, top_p: sampling parameters of every turn.
-        response_prefix: text written at the start of the response (loss mask 0), e.g. ``"<think>"``; empty: none.
-            ``{question}`` in it is replaced by the question (e.g. to force a first search for it).
-        search_timeout_s: deadline of one search, in seconds; a timeout gives an error observation.
-        max_query_chars: longer queries get an error observation instead of a search.
-        max_doc_chars: each document's text is cut to this many characters (0: no limit).
-        max_observation_chars: the whole search result (all documents) is cut to this many characters, as verl's
-            ``ToolAgentLoop`` cuts tool responses (``rollout.multi_turn.max_tool_response_length``; 0: no limit).
-        truncate_side: which part of a too-long search result is kept: ``"left"`` keeps the end, ``"right"`` the
-            start, ``"middle"`` both ends (verl's ``tool_response_truncate_side``).
-        max_prompt_tokens: prompts longer than this are rejected (0: only the model's context window applies).
-    """
-
-    template: str = "research_instruct"
-    protocol: str = "research"
-    max_turns: int = 4
-    max_response_tokens: int = 1024
-    max_new_tokens_per_turn: int = 256
-    top_k: int = 3
-    temperature: float = 1.0
-    top_p: float = 1.0
-    response_prefix: str = "<think>"
-    search_timeout_s: float = 30.0
-    max_query_chars: int = 2000
-    max_doc_chars: int = 0
-    max_observation_chars: int = 0
-    truncate_side: str = "right"
-    max_prompt_tokens: int = 0
-
-    def validate(self) -> None:
-        """Checks the settings.
-
-        Raises:
-            InvalidRequest: an unknown template/protocol or a non-positive limit.
-        """
-        if self.template not in TEMPLATES:
-            raise InvalidRequest(f"unknown template {self.template!r}; expected one of {TEMPLATES}")
-        try:
-            get_protocol(self.protocol)
-        except ValueError as exc:
-            raise InvalidRequest(str(exc)) from None
-        for name in ("max_turns", "max_response_tokens", "max_new_tokens_per_turn", "top_k", "max_query_chars"):
-            if getattr(self, name) < 1:
-                raise InvalidRequest(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise InvalidRequest(f"bad sampling parameters: temperature={self.temperature}, top_p={self.top_p}")
-        if self.search_timeout_s <= 0:
-            raise InvalidRequest(f"search_timeout_s must be > 0, got {self.search_timeout_s}")
-        if self.truncate_side not in TRUNCATE_SIDES:
-            raise InvalidRequest(f"truncate_side must be one of {TRUNCATE_SIDES}, got {self.truncate_side!r}")
-        if self.max_observation_chars < 0:
-            raise InvalidRequest(f"max_observation_chars must be >= 0, got {self.max_observation_chars}")
+AgentLoopConfig = AgentSettings
+"""The agent loop's settings: :class:`searchrl.agent.settings.AgentSettings`."""
 
 
 @dataclass
@@ -338,9 +278,6 @@ class Episode:
 # --------------------------------------------------------------------------------------------------- helpers
 
 
-TRUNCATE_SIDES = ("left", "right", "middle")
-
-
 def truncate_observation(text: str, max_chars: int, side: str = "right") -> str:
     """Cuts a search result to ``max_chars`` characters the way verl's ``ToolAgentLoop`` cuts tool responses.
 
@@ -376,34 +313,6 @@ def format_documents(documents: Sequence[rollout_pb2.Document], max_doc_chars: i
             text = text[:max_doc_chars].rsplit(" ", 1)[0] + " ..."
         lines.append(f"Doc {i} (Title: {doc.title}) {text}")
     return "\n".join(lines)
-
-
-def extract_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` in ``text`` (nested braces allowed), or ``None``."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    i = start + len("\\boxed{")
-    depth = 1
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i:j].strip()
-    return None
-
-
-def extract_answer(response: str, protocol: str = "research") -> str:
-    """The final answer of a response: the ``\\boxed{}`` content of the last ``<answer>`` block (ReSearch), or the
-    whole last ``<answer>`` block when it has no ``\\boxed{}`` (Search-R1). Empty when there is no answer block."""
-    p = get_protocol(protocol)
-    blocks = re.findall(re.escape(p.answer_open) + r"(.*?)" + re.escape(p.answer_close), response, flags=re.S)
-    if not blocks:
-        return ""
-    boxed = extract_boxed(blocks[-1])
-    return boxed if boxed is not None else blocks[-1].strip()
 
 
 def _search_backend_name(search: object | None) -> str:
@@ -468,10 +377,7 @@ class AgentLoop:
     Args:
         generator: the policy (a :class:`GenerationBackend`).
         search: the search backend, or ``None`` (searches then get an error observation).
-        config: loop settings (validated here).
-
-    Raises:
-        InvalidRequest: invalid ``config``.
+        config: loop settings (default: :class:`AgentSettings` defaults).
     """
 
     def __init__(
@@ -480,7 +386,6 @@ class AgentLoop:
         self.generator = generator
         self.search = search
         self.config = config or AgentLoopConfig()
-        self.config.validate()
         self.protocol = get_protocol(self.config.protocol)
         self.tokenizer = generator.tokenizer
         self._backend_name = _search_backend_name(search)
@@ -596,7 +501,7 @@ class AgentLoop:
             elif action.kind == "search":
                 turn.finish_reason = "search"
                 t1 = time.perf_counter()
-                record, body = await self._search(action.query, context)
+                record, body = await run_search(self.search, action.query, context, cfg, self._backend_name)
                 search_ms += (time.perf_counter() - t1) * 1000
                 turn.search = record
                 searches.append(record)
@@ -636,66 +541,77 @@ class AgentLoop:
             searches=searches,
             finish_reason=finish,
             ended_with_eos=finish in ("answer", "eos"),
-            answer=extract_answer(response_text, cfg.protocol),
+            answer=extract_answer(response_text),
             timings={"generation_ms": gen_ms, "search_ms": search_ms, "total_ms": total_ms},
             policy_version=version,
         )
 
-    async def _search(self, query: str, context: SearchContext) -> tuple[SearchRecord, str]:
-        """Runs one search; returns its record and the observation body (documents or an error message)."""
-        cfg = self.config
-        backend = self._backend_name
-        if not query:
-            SEARCHES.labels(backend, "invalid_query").inc()
-            record = SearchRecord(query, [], backend, 0.0, error="empty query", outcome="invalid_query")
-            return record, "Search error: the query is empty."
-        if len(query) > cfg.max_query_chars:
-            SEARCHES.labels(backend, "invalid_query").inc()
-            msg = f"query too long ({len(query)} characters; the limit is {cfg.max_query_chars})"
-            record = SearchRecord(query[: cfg.max_query_chars], [], backend, 0.0, error=msg, outcome="invalid_query")
-            return record, f"Search error: {msg}."
-        if self.search is None:
-            SEARCHES.labels(backend, "disabled").inc()
-            return SearchRecord(
-                query, [], backend, 0.0, error="search is disabled", outcome="disabled"
-            ), "Search error: search is not available."
-        t0 = time.perf_counter()
-        try:
-            outcome = await asyncio.wait_for(
-                self.search.search(query, top_k=cfg.top_k, context=context), cfg.search_timeout_s
-            )
-        except asyncio.TimeoutError:
-            latency = (time.perf_counter() - t0) * 1000
-            SEARCHES.labels(backend, "timeout").inc()
-            msg = f"search timed out after {cfg.search_timeout_s:g} s"
-            return SearchRecord(
-                query, [], backend, latency, error=msg, outcome="timeout"
-            ), "Search error: the search engine did not answer in time."
-        except Exception as exc:  # a dead backend must not end the episode
-            latency = (time.perf_counter() - t0) * 1000
-            SEARCHES.labels(backend, "error").inc()
-            msg = f"{type(exc).__name__}: {exc}"[:500]
-            return SearchRecord(
-                query, [], backend, latency, error=msg, outcome="error"
-            ), "Search error: the search engine is unavailable."
+
+async def run_search(
+    search: SearchBackend | None, query: str, context: SearchContext, cfg: AgentSettings, backend: str
+) -> tuple[SearchRecord, str]:
+    """Runs one search of an episode and counts it in ``searchrl_policy_searches_total{backend,outcome}``.
+
+    Args:
+        search: the backend (``None``: search is disabled).
+        query: the stripped query.
+        context: the episode's question, gold answers, step and seed.
+        cfg: ``top_k``, ``max_query_chars``, ``search_timeout_s`` and the observation limits.
+        backend: label of ``search`` in records and metrics.
+
+    Returns:
+        The :class:`SearchRecord` and the observation body: the formatted documents or a short error message.
+        Never raises for a bad query or a failed backend.
+    """
+    if not query:
+        SEARCHES.labels(backend, "invalid_query").inc()
+        record = SearchRecord(query, [], backend, 0.0, error="empty query", outcome="invalid_query")
+        return record, "Search error: the query is empty."
+    if len(query) > cfg.max_query_chars:
+        SEARCHES.labels(backend, "invalid_query").inc()
+        msg = f"query too long ({len(query)} characters; longer than {cfg.max_query_chars} is refused)"
+        record = SearchRecord(query[: cfg.max_query_chars], [], backend, 0.0, error=msg, outcome="invalid_query")
+        return record, f"Search error: {msg}."
+    if search is None:
+        SEARCHES.labels(backend, "disabled").inc()
+        return SearchRecord(
+            query, [], backend, 0.0, error="search is disabled", outcome="disabled"
+        ), "Search error: search is not available."
+    t0 = time.perf_counter()
+    try:
+        outcome = await asyncio.wait_for(search.search(query, top_k=cfg.top_k, context=context), cfg.search_timeout_s)
+    except asyncio.TimeoutError:
         latency = (time.perf_counter() - t0) * 1000
-        record = SearchRecord(
-            query,
-            list(outcome.documents),
-            outcome.backend or backend,
-            latency,
-            outcome.cache_hit,
-            outcome.error,
-            outcome="error" if outcome.error else ("ok" if outcome.documents else "empty"),
-        )
-        SEARCHES.labels(record.backend, record.outcome).inc()
-        if record.outcome == "error":
-            return record, "Search error: the search engine is unavailable."
-        if record.outcome == "empty":
-            return record, "No documents found."
-        return record, truncate_observation(
-            format_documents(outcome.documents, cfg.max_doc_chars), cfg.max_observation_chars, cfg.truncate_side
-        )
+        SEARCHES.labels(backend, "timeout").inc()
+        msg = f"search timed out after {cfg.search_timeout_s:g} s"
+        return SearchRecord(
+            query, [], backend, latency, error=msg, outcome="timeout"
+        ), "Search error: the search engine did not answer in time."
+    except Exception as exc:  # a dead backend must not end the episode
+        latency = (time.perf_counter() - t0) * 1000
+        SEARCHES.labels(backend, "error").inc()
+        msg = f"{type(exc).__name__}: {exc}"[:500]
+        return SearchRecord(
+            query, [], backend, latency, error=msg, outcome="error"
+        ), "Search error: the search engine is unavailable."
+    latency = (time.perf_counter() - t0) * 1000
+    record = SearchRecord(
+        query,
+        list(outcome.documents),
+        outcome.backend or backend,
+        latency,
+        outcome.cache_hit,
+        outcome.error,
+        outcome="error" if outcome.error else ("ok" if outcome.documents else "empty"),
+    )
+    SEARCHES.labels(record.backend, record.outcome).inc()
+    if record.outcome == "error":
+        return record, "Search error: the search engine is unavailable."
+    if record.outcome == "empty":
+        return record, "No documents found."
+    return record, truncate_observation(
+        format_documents(outcome.documents, cfg.max_doc_chars), cfg.max_observation_chars, cfg.truncate_side
+    )
 
 
 @dataclass

@@ -54,6 +54,11 @@ class TagProtocol:
     answer_open: str = "<answer>"
     answer_close: str = "</answer>"
 
+    @property
+    def info_tag(self) -> str:
+        """Name of the observation tag (``result`` or ``information``): the reward library's ``info_tag``."""
+        return self.obs_open.strip("<>")
+
     def observation(self, body: str) -> str:
         """The text inserted after a search: ``" <result>\\n{body}\\n</result>"`` (ReSearch's exact layout)."""
         return f" {self.obs_open}\n{body}\n{self.obs_close}"

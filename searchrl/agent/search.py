@@ -8,64 +8,47 @@
 * :class:`InProcessSearch` - any Python callable (a local index, a fixture, the benchmark's instant lookup).
 * :class:`NoSearch` - every search returns no documents (a no-search baseline).
 
-The gRPC backends take a ``host:port`` target (they open their own channel with the shared retry policy) or an
-existing client object that has a ``channel`` (e.g. ``searchrl.client.retrieval.RetrievalClient``). A failed call is
-reported in :attr:`SearchOutcome.error` - never raised - so the episode gets an error observation and goes on.
+The gRPC backends call the typed client SDK (:mod:`searchrl.client`): they take a ``host:port`` target (and open
+their own client with the shared retry policy) or an open client. A failed call is reported in
+:attr:`SearchOutcome.error` - never raised - so the episode gets an error observation and goes on.
+:func:`build_search_backend` builds any of them from a :class:`SearchSpec`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import dataclasses
 import inspect
 import random
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any, TypeVar
 
 import grpc
+from pydantic import ConfigDict, Field, model_validator
+from typing_extensions import Self
 
-from searchrl.agent.loop import SearchContext, SearchOutcome
+from searchrl.agent.loop import SearchBackend, SearchContext, SearchOutcome
+from searchrl.agent.settings import Checked, episode_seed
+from searchrl.client.base import ChannelOptions
+from searchrl.client.retrieval import RetrievalClient
+from searchrl.client.simulation import SimulatorClient
 from searchrl.errors import InvalidRequest
-from searchrl.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
 from searchrl.rollout.v1 import rollout_pb2
-from searchrl.simulation.v1 import simulation_pb2, simulation_pb2_grpc
+
+C = TypeVar("C", RetrievalClient, SimulatorClient)
 
 
-class _Channel:
-    """A channel and call options from a target string or from an existing client (``.channel``, ``.call_kwargs``)."""
-
-    def __init__(
-        self, client_or_target: Any, service_name: str, timeout_s: float, token: str = "", options: Any = None
-    ) -> None:
-        self.timeout_s = timeout_s
-        self._owned = isinstance(client_or_target, str)
-        if self._owned:
-            import dataclasses
-
-            from searchrl.client.base import BaseClient, ChannelOptions
-
-            class _Client(BaseClient):
-                pass
-
-            _Client.service_name = service_name
-            if options is None:
-                opts = ChannelOptions(timeout_s=timeout_s, token=token)
-            else:  # TLS / mTLS / token from the caller (e.g. ChannelOptions.from_env()), our deadline
-                opts = dataclasses.replace(options, timeout_s=timeout_s, token=options.token or token)
-            self._client: Any = _Client(client_or_target, opts)
-        else:
-            if not hasattr(client_or_target, "channel"):
-                raise InvalidRequest("expected a 'host:port' target or a client object with a .channel")
-            self._client = client_or_target
-        self.channel = self._client.channel
-
-    def call_kwargs(self) -> dict[str, Any]:
-        fn = getattr(self._client, "call_kwargs", None)
-        return dict(fn(self.timeout_s)) if fn is not None else {"timeout": self.timeout_s}
-
-    async def close(self) -> None:
-        if self._owned:
-            await self._client.close()
+def _client(
+    cls: type[C], client_or_target: C | str, timeout_s: float, token: str, options: ChannelOptions | None
+) -> tuple[C, bool]:
+    """The typed client of a ``host:port`` target (opened here, so owned) or the given client (not owned)."""
+    if not isinstance(client_or_target, str):
+        return client_or_target, False
+    if options is None:
+        opts = ChannelOptions(timeout_s=timeout_s, token=token)
+    else:  # TLS / mTLS / token from the caller (e.g. ChannelOptions.from_env()), our deadline
+        opts = dataclasses.replace(options, timeout_s=timeout_s, token=options.token or token)
+    return cls(client_or_target, opts), True
 
 
 def _rpc_error(exc: grpc.aio.AioRpcError) -> str:
@@ -73,10 +56,10 @@ def _rpc_error(exc: grpc.aio.AioRpcError) -> str:
 
 
 class RetrieverSearch:
-    """Searches through the RetrievalService ``Search`` RPC.
+    """Searches through the RetrievalService ``Search`` RPC (:class:`~searchrl.client.retrieval.RetrievalClient`).
 
     Args:
-        client_or_target: ``host:port`` of the service, or a client with a ``channel``.
+        client_or_target: ``host:port`` of the service, or a :class:`~searchrl.client.retrieval.RetrievalClient`.
         timeout_s: deadline of one RPC, in seconds.
         token: bearer token when the service requires auth (target form only).
         options: a :class:`searchrl.client.base.ChannelOptions` with TLS settings and token (target form only);
@@ -85,37 +68,44 @@ class RetrieverSearch:
 
     name = "retriever"
 
-    def __init__(self, client_or_target: Any, *, timeout_s: float = 30.0, token: str = "", options: Any = None) -> None:
-        self._ch = _Channel(client_or_target, "searchrl.retrieval.v1.RetrievalService", timeout_s, token, options)
-        self._stub = retrieval_pb2_grpc.RetrievalServiceStub(self._ch.channel)
+    def __init__(
+        self,
+        client_or_target: RetrievalClient | str,
+        *,
+        timeout_s: float = 30.0,
+        token: str = "",
+        options: ChannelOptions | None = None,
+    ) -> None:
+        self.timeout_s = timeout_s
+        self.client, self._owned = _client(RetrievalClient, client_or_target, timeout_s, token, options)
 
     async def search(self, query: str, *, top_k: int, context: SearchContext) -> SearchOutcome:
         """Top-k documents of ``query`` from the real corpus (``context`` is not used)."""
         try:
-            resp = await self._stub.Search(
-                retrieval_pb2.SearchRequest(queries=[query], top_k=top_k), **self._ch.call_kwargs()
-            )
+            results = await self.client.search_results([query], top_k, timeout_s=self.timeout_s)
         except grpc.aio.AioRpcError as exc:
             return SearchOutcome([], self.name, error=_rpc_error(exc))
-        if not resp.results:
+        if not results:
             return SearchOutcome([], self.name, error="the retriever returned no result for the query")
-        result = resp.results[0]
-        return SearchOutcome(list(result.documents), self.name, cache_hit=result.cache_hit)
+        return SearchOutcome(list(results[0].documents), self.name, cache_hit=results[0].cache_hit)
 
     async def close(self) -> None:
         """Closes the channel when this backend opened it."""
-        await self._ch.close()
+        if self._owned:
+            await self.client.close()
 
 
 class SimulatorSearch:
-    """Searches through the SimulatedSearchService ``Search`` RPC (ZeroSearch).
+    """Searches through the SimulatedSearchService ``Search`` RPC (ZeroSearch;
+    :class:`~searchrl.client.simulation.SimulatorClient`).
 
     The quality of each query's documents comes from, in order of precedence: ``quality`` (fixed useful/noisy),
     ``noise_probability``, or the curriculum position ``(context.step, context.total_steps)`` when both are set;
-    otherwise the server's default applies.
+    otherwise the server's default applies. With an episode seed, each (episode, query) gets its own replay seed, so
+    the quality draw is reproducible and differs across queries.
 
     Args:
-        client_or_target: ``host:port`` of the service, or a client with a ``channel``.
+        client_or_target: ``host:port`` of the service, or a :class:`~searchrl.client.simulation.SimulatorClient`.
         training: send the question and gold answers (ZeroSearch's training-time conditioning); set ``False`` at
             evaluation so gold answers never reach the simulator.
         quality: ``"useful"`` or ``"noisy"`` for a fixed quality; empty for none.
@@ -132,55 +122,41 @@ class SimulatorSearch:
 
     def __init__(
         self,
-        client_or_target: Any,
+        client_or_target: SimulatorClient | str,
         *,
         training: bool = True,
         quality: str = "",
         noise_probability: float | None = None,
         timeout_s: float = 120.0,
         token: str = "",
-        options: Any = None,
+        options: ChannelOptions | None = None,
     ) -> None:
-        qualities = {
-            "": None,
-            "useful": rollout_pb2.DOCUMENT_QUALITY_USEFUL,
-            "noisy": rollout_pb2.DOCUMENT_QUALITY_NOISY,
-        }
-        if quality not in qualities:
+        if quality not in ("", "useful", "noisy"):
             raise InvalidRequest(f"quality must be 'useful', 'noisy' or empty, got {quality!r}")
         if noise_probability is not None and not 0.0 <= noise_probability <= 1.0:
             raise InvalidRequest(f"noise_probability must be in [0, 1], got {noise_probability}")
         self.training = training
-        self.quality = qualities[quality]
-        self.noise_probability = noise_probability
-        self._ch = _Channel(
-            client_or_target, "searchrl.simulation.v1.SimulatedSearchService", timeout_s, token, options
-        )
-        self._stub = simulation_pb2_grpc.SimulatedSearchServiceStub(self._ch.channel)
-
-    def request(self, query: str, top_k: int, context: SearchContext) -> simulation_pb2.SearchRequest:
-        """The ``SearchRequest`` sent for one query (exposed for tests and for the verl tool)."""
-        req = simulation_pb2.SearchRequest(queries=[query], top_k=top_k)
-        if self.quality is not None:
-            req.quality = self.quality
-        elif self.noise_probability is not None:
-            req.noise_probability = self.noise_probability
-        elif context.step is not None and context.total_steps:
-            req.curriculum.step = context.step
-            req.curriculum.total_steps = context.total_steps
-        if self.training:
-            req.question = context.question
-            req.golden_answers.extend(context.golden_answers)
-        if context.seed is not None:
-            # One seed per (episode seed, query): the quality draw is reproducible and differs across queries.
-            digest = hashlib.sha256(f"{context.seed}\x00{query}".encode()).digest()
-            req.seed = int.from_bytes(digest[:8], "big") or 1
-        return req
+        self.quality = quality or None
+        self.noise_probability = None if self.quality else noise_probability
+        self.timeout_s = timeout_s
+        self.client, self._owned = _client(SimulatorClient, client_or_target, timeout_s, token, options)
 
     async def search(self, query: str, *, top_k: int, context: SearchContext) -> SearchOutcome:
         """Simulated documents for ``query``; the curriculum step and (training) question/answers come from ``context``."""
+        fixed = self.quality is not None or self.noise_probability is not None
+        curriculum = (context.step, context.total_steps) if context.step is not None and context.total_steps else None
         try:
-            resp = await self._stub.Search(self.request(query, top_k, context), **self._ch.call_kwargs())
+            resp = await self.client.search(
+                [query],
+                top_k,
+                quality=self.quality,
+                noise_probability=self.noise_probability,
+                curriculum=None if fixed else curriculum,
+                question=context.question if self.training else "",
+                golden_answers=context.golden_answers if self.training else (),
+                seed=0 if context.seed is None else episode_seed(context.seed, query) or 1,
+                timeout_s=self.timeout_s,
+            )
         except grpc.aio.AioRpcError as exc:
             return SearchOutcome([], self.name, error=_rpc_error(exc))
         if not resp.results:
@@ -190,7 +166,8 @@ class SimulatorSearch:
 
     async def close(self) -> None:
         """Closes the channel when this backend opened it."""
-        await self._ch.close()
+        if self._owned:
+            await self.client.close()
 
 
 class MixedSearch:
@@ -280,45 +257,70 @@ def _as_document(d: Any) -> rollout_pb2.Document:
     raise TypeError(f"cannot turn {type(d).__name__} into a Document")
 
 
-def build_search_backend(
-    kind: str,
-    *,
-    retriever_target: str = "",
-    simulator_target: str = "",
-    mix_ratio: float = 0.5,
-    training: bool = True,
-    seed: int = 0,
-    timeout_s: float = 30.0,
-    token: str = "",
-    options: Any = None,
-) -> Any:
-    """A backend by name: ``"retriever"``, ``"simulator"``, ``"mixed"`` (retriever share ``mix_ratio``) or ``"none"``.
+SEARCH_KINDS = ("retriever", "simulator", "mixed", "inprocess", "none")
 
-    ``options`` (a :class:`searchrl.client.base.ChannelOptions`, e.g. ``ChannelOptions.from_env()``) carries TLS
-    and the token for the channels; ``token`` alone gives plaintext with a bearer token.
 
-    Raises:
-        InvalidRequest: unknown kind, or the target it needs is empty.
+class SearchSpec(Checked):
+    """Which search backend to build (:func:`build_search_backend`).
+
+    Attributes:
+        kind: ``"retriever"``, ``"simulator"``, ``"mixed"`` (retriever share ``mix_ratio``), ``"inprocess"``
+            (``inprocess``: an index in this process) or ``"none"``.
+        retriever_target / simulator_target: ``host:port`` of each service, or an open typed client (shared, not
+            closed by the backend).
+        mix_ratio: with ``mixed``: share of searches sent to the retriever in [0, 1] (the rest: simulator).
+        training: send the question and gold answers to the simulator (``False`` at evaluation).
+        seed: seed of the mixed choice.
+        timeout_s: deadline of one retriever RPC, in seconds; the simulator gets at least 60 s (an LLM answers in
+            seconds).
+        token: bearer token (plaintext channels); ``options`` (a :class:`~searchrl.client.base.ChannelOptions`, e.g.
+            ``ChannelOptions.from_env()``) carries TLS and the token.
+        inprocess: with ``inprocess``: a search backend, or a function ``fn(query, top_k) -> documents`` (run in a
+            worker thread, named ``retriever``), e.g. over an index loaded by :mod:`searchrl.retriever`.
     """
-    if kind == "none":
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    kind: str = "retriever"
+    retriever_target: RetrievalClient | str = ""
+    simulator_target: SimulatorClient | str = ""
+    mix_ratio: Annotated[float, Field(ge=0, le=1)] = 0.5
+    training: bool = True
+    seed: int = 0
+    timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    token: str = ""
+    options: ChannelOptions | None = None
+    inprocess: Any = None
+
+    @model_validator(mode="after")
+    def _targets(self) -> Self:
+        if self.kind not in SEARCH_KINDS:
+            raise ValueError(f"unknown search backend {self.kind!r}; expected one of {', '.join(SEARCH_KINDS)}")
+        if self.kind in ("retriever", "mixed") and not self.retriever_target:
+            raise ValueError(f"search backend {self.kind!r} needs a retriever target")
+        if self.kind in ("simulator", "mixed") and not self.simulator_target:
+            raise ValueError(f"search backend {self.kind!r} needs a simulator target")
+        if self.kind == "inprocess" and self.inprocess is None:
+            raise ValueError("search backend 'inprocess' needs an in-process search backend or function")
+        return self
+
+
+def build_search_backend(spec: SearchSpec) -> SearchBackend:
+    """The search backend ``spec`` names (call it on the event loop that will use it: gRPC channels belong to it)."""
+    if spec.kind == "none":
         return NoSearch()
-    if kind in ("retriever", "mixed") and not retriever_target:
-        raise InvalidRequest(f"search backend {kind!r} needs a retriever target")
-    if kind in ("simulator", "mixed") and not simulator_target:
-        raise InvalidRequest(f"search backend {kind!r} needs a simulator target")
-    if kind == "retriever":
-        return RetrieverSearch(retriever_target, timeout_s=timeout_s, token=token, options=options)
-    if kind == "simulator":
-        return SimulatorSearch(
-            simulator_target, training=training, timeout_s=max(timeout_s, 60.0), token=token, options=options
-        )
-    if kind == "mixed":
-        return MixedSearch(
-            RetrieverSearch(retriever_target, timeout_s=timeout_s, token=token, options=options),
-            SimulatorSearch(
-                simulator_target, training=training, timeout_s=max(timeout_s, 60.0), token=token, options=options
-            ),
-            ratio=mix_ratio,
-            seed=seed,
-        )
-    raise InvalidRequest(f"unknown search backend {kind!r}; expected retriever, simulator, mixed or none")
+    if spec.kind == "inprocess":
+        if callable(getattr(spec.inprocess, "search", None)):
+            backend: SearchBackend = spec.inprocess
+            return backend
+        return InProcessSearch(spec.inprocess, name="retriever", in_thread=True)
+    auth: dict[str, Any] = {"token": spec.token, "options": spec.options}
+    if spec.kind == "retriever":
+        return RetrieverSearch(spec.retriever_target, timeout_s=spec.timeout_s, **auth)
+    simulator = SimulatorSearch(
+        spec.simulator_target, training=spec.training, timeout_s=max(spec.timeout_s, 60.0), **auth
+    )
+    if spec.kind == "simulator":
+        return simulator
+    retriever = RetrieverSearch(spec.retriever_target, timeout_s=spec.timeout_s, **auth)
+    return MixedSearch(retriever, simulator, ratio=spec.mix_ratio, seed=spec.seed)

@@ -22,7 +22,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):  # lazy: importing the SDK must not import every service's stubs
+def __getattr__(name: str) -> type:  # lazy: importing the SDK must not import every service's stubs
     if name == "RewardClient":
         from searchrl.client.reward import RewardClient
 

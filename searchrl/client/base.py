@@ -167,7 +167,7 @@ class BaseClient:
 
     async def close(self) -> None:
         """Closes the channel."""
-        await self.channel.close()
+        await self.channel.close(None)
 
     async def __aenter__(self) -> BaseClient:
         return self

@@ -43,18 +43,21 @@ class DatasetError(InvalidRequest):
 
 @dataclass(frozen=True)
 class Example:
-    """One question to evaluate.
+    """One question with its gold answers (to evaluate or to train on).
 
     Attributes:
         id: the row id, unique within its dataset.
         question: the question text.
         golden_answers: accepted answers (at least one, each non-empty).
+        source: name of the dataset it belongs to, when known (verl's ``data_source`` column; not part of the
+            FlashRAG row).
         metadata: the row's ``metadata`` object, unchanged.
     """
 
     id: str
     question: str
     golden_answers: tuple[str, ...]
+    source: str = ""
     metadata: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
     def to_row(self) -> dict[str, Any]:
@@ -343,22 +346,3 @@ def load_dataset(
             keep = sorted(random.Random(sample_seed).sample(range(total), limit))
             examples = [examples[i] for i in keep]
     return Dataset(name=name, examples=examples, source=source, total_rows=total, skipped=skipped)
-
-
-def available_datasets() -> list[str]:
-    """Specs of every bundled dataset present on this machine."""
-    from searchrl.assets import benchmarks_dir
-
-    out: list[str] = []
-    root = benchmarks_dir()
-    for bench in BENCHMARKS:
-        if (root / bench).is_dir():
-            out.append(f"bench:{bench}")
-    try:
-        from searchrl.assets import fanoutqa_dev_path
-
-        fanoutqa_dev_path()
-        out += [FANOUTQA, FANOUTQA_SUB]
-    except FileNotFoundError:
-        pass
-    return out

@@ -45,6 +45,7 @@ __all__ = [
     "exact_match",
     "extract_boxed",
     "extract_last_answer",
+    "extract_answer",
     "research_format_error",
     "search_r1_format_error",
     "score",
@@ -242,6 +243,19 @@ def extract_last_answer(response: str) -> str | None:
     return response[start + len("<answer>") : end].strip()
 
 
+def extract_answer(response: str) -> str:
+    """The final answer of a response: the ``\\boxed{}`` content (stripped) of the last ``<answer>`` block
+    (ReSearch), or the whole block when it has no ``\\boxed{}`` (Search-R1); ``""`` when there is no complete block.
+
+    ``<answer> so \\boxed{Bram {Stoker}} </answer>`` gives ``Bram {Stoker}``.
+    """
+    block = extract_last_answer(response)
+    if block is None:
+        return ""
+    boxed = extract_boxed(block)
+    return block if boxed is None else boxed.strip()
+
+
 def research_format_error(response: str, ended_with_eos: bool = True) -> str:
     """The first ReSearch format rule that ``response`` breaks, or ``""`` when all hold.
 
@@ -405,10 +419,9 @@ def _score_one(response: str, golds: list[str], scheme: str, ended_with_eos: boo
         error, answer = _research_check(response, ended_with_eos)
         if answer is None and error and error != "answer_missing_boxed":
             # best effort, for the F1/EM diagnostics of a badly formatted response: the last answer block
-            a_end = response.rfind("</answer>")
-            a_start = response.rfind("<answer>", 0, a_end) if a_end >= 0 else -1
-            if a_start >= 0:
-                answer = extract_boxed(response[a_start + len("<answer>") : a_end])
+            block = extract_last_answer(response)
+            if block is not None:
+                answer = extract_boxed(block)
         f1, em = _best(normalize_answer(answer), golds) if answer is not None else (0.0, 0.0)
         if error:
             reward = 0.0

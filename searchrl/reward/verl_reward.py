@@ -51,6 +51,19 @@ def golden_answers_of(ground_truth: Any) -> list[str]:
     return [] if ground_truth is None else [str(ground_truth)]
 
 
+def row_golden_answers(row: Mapping[str, Any]) -> list[str]:
+    """Gold answers of a verl dataset row (or of the row fields verl passes to an agent loop's ``run``).
+
+    Returns:
+        ``extra_info.golden_answers`` when the row has it, else ``reward_model.ground_truth``, in any form
+        :func:`golden_answers_of` accepts (possibly empty).
+    """
+    golds = (row.get("extra_info") or {}).get("golden_answers")
+    if golds is None:
+        golds = (row.get("reward_model") or {}).get("ground_truth")
+    return golden_answers_of(golds)
+
+
 def compute_score(
     data_source: str,
     solution_str: str,

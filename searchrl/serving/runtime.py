@@ -21,13 +21,12 @@ One :class:`GrpcServer` hosts a service's servicers on a ``grpc.aio`` server wit
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import hmac
 import logging
-import os
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -39,8 +38,8 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from searchrl.errors import SearchRLError
-from searchrl.serving import config as cfgmod
-from searchrl.serving.config import field
+from searchrl.serving.config import ServerConfig as ServerConfig  # servers subclass it from here
+from searchrl.serving.config import from_sources, parser_for, redacted
 
 log = logging.getLogger("searchrl.runtime")
 
@@ -76,59 +75,6 @@ SIGNAL_GUARD_INTERVAL_S = 1.0
 
 
 @dataclass
-class ServerConfig:
-    """Settings every service shares. Service configs subclass it and add their own fields."""
-
-    host: str = field("127.0.0.1", help="Address to bind (loopback by default; 0.0.0.0 in a pod).")
-    grpc_port: int = field(50051, help="gRPC port; 0 picks a free port.")
-    metrics_port: int = field(9090, help="Prometheus /metrics HTTP port; 0 picks a free port, -1 disables.")
-    max_message_mb: int = field(64, help="Max gRPC message size, in MiB, both directions.")
-    max_concurrent_rpcs: int = field(
-        0, help="Max RPCs served at once; further calls get RESOURCE_EXHAUSTED. 0: unbounded."
-    )
-    grace_s: float = field(10.0, help="Seconds in-flight calls get to finish on shutdown.")
-    tls_cert_file: str = field("", help="PEM server certificate; enables TLS with tls_key_file.")
-    tls_key_file: str = field("", help="PEM private key of the server certificate.")
-    tls_client_ca_file: str = field(
-        "", help="PEM CA bundle; when set, clients must present a certificate it signed (mTLS)."
-    )
-    auth_token: str = field(
-        "",
-        help="Bearer token callers must send ('authorization: Bearer <token>'). Prefer auth_token_file.",
-        secret=True,
-    )
-    auth_token_file: str = field("", help="File holding the bearer token (e.g. a mounted Kubernetes Secret).")
-    max_connection_age_ms: int = field(
-        60_000,
-        help="Close each client connection (HTTP/2 GOAWAY; gRPC adds +-10 percent jitter) after this many ms, so "
-        "that long-lived client channels reconnect and re-resolve DNS (new pods of a scale-out get traffic). 0: never.",
-    )
-    max_connection_age_grace_ms: int = field(
-        600_000,
-        help="How long calls already running on an aged connection may go on before it is closed, in ms.",
-    )
-    redis_url: str = field(
-        "",
-        help="Redis URL for the search cache / rollout store, e.g. redis://127.0.0.1:6379/0 (no password: use "
-        "redis_password). Empty: none.",
-    )
-    redis_password: str = field(
-        "",
-        help="Redis password (AUTH), passed to redis-py apart from the URL; never logged. Prefer the env variable.",
-        secret=True,
-    )
-    cache_ttl_s: int = field(7 * 24 * 3600, help="TTL of search-cache entries, in seconds.")
-    log_level: str = field("INFO", help="Python log level.")
-
-    def resolved_token(self) -> str:
-        """The bearer token from ``auth_token`` or ``auth_token_file`` (file wins); empty when auth is off."""
-        if self.auth_token_file:
-            with open(self.auth_token_file, encoding="utf-8") as fh:
-                return fh.read().strip()
-        return self.auth_token
-
-
-@dataclass
 class ServiceSpec:
     """One servicer to host: its full service name (for health/reflection) and the generated ``add_*`` function."""
 
@@ -143,7 +89,7 @@ def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, "internal error; see the server log"
 
 
-class _ObservedHandlers(grpc.aio.ServerInterceptor):
+class _ObservedHandlers(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # grpc-stubs: generic
     """Auth, metrics, concurrency limit and error mapping around every RPC handler."""
 
     def __init__(self, service_label: str, token: str, max_concurrent: int) -> None:
@@ -154,9 +100,9 @@ class _ObservedHandlers(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(details)
         if handler is None:
             return handler
@@ -168,17 +114,17 @@ class _ObservedHandlers(grpc.aio.ServerInterceptor):
         if handler.unary_unary is not None:
             inner = handler.unary_unary
 
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 async with self._observe(short, context, rejected):
-                    return await inner(request, context)
+                    return await inner(request, context)  # type: ignore[arg-type]  # grpc-stubs types the sync API
 
             return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
         if handler.unary_stream is not None:
             inner_stream = handler.unary_stream
 
-            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
                 async with self._observe(short, context, rejected):
-                    async for item in inner_stream(request, context):
+                    async for item in inner_stream(request, context):  # type: ignore[arg-type,attr-defined]
                         yield item
 
             return grpc.unary_stream_rpc_method_handler(
@@ -197,7 +143,7 @@ class _ObservedHandlers(grpc.aio.ServerInterceptor):
 
     @contextlib.asynccontextmanager
     async def _observe(
-        self, method: str, context: grpc.aio.ServicerContext, rejected: str | None
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any], rejected: str | None
     ) -> AsyncIterator[None]:
         start = time.perf_counter()
         code = grpc.StatusCode.OK
@@ -288,7 +234,7 @@ class GrpcServer:
         self.label = label
         self.port = 0
         self.metrics_port = -1
-        self.health = health.aio.HealthServicer()
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # grpc-stubs lacks grpc_health aio
         self._server: grpc.aio.Server | None = None
         self._metrics_httpd: Any = None
         self._stopping = False
@@ -471,15 +417,13 @@ def run_service(
     Returns:
         The process exit code (0 after a clean shutdown, 2 on a configuration error).
     """
-    parser = argparse.ArgumentParser(prog=f"searchrl serve {label}", description=description)
-    cfgmod.add_arguments(parser, config_cls)
-    args = parser.parse_args(argv)
+    parser = parser_for(config_cls, f"searchrl serve {label}", description)
     try:
-        config = cfgmod.from_sources(config_cls, args)
+        config = from_sources(config_cls, sys.argv[1:] if argv is None else argv, parser=parser)
     except (ValueError, TypeError) as exc:
         parser.error(str(exc))
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    log.info("starting %s with %s", label, cfgmod.redacted(config))
+    log.info("starting %s with %s", label, redacted(config))
     try:
         asyncio.run(serve_until_signal(config, label, build))
     except (SearchRLError, ValueError, OSError, RuntimeError) as exc:
@@ -487,9 +431,3 @@ def run_service(
         print(f"error: {label} failed to start: {exc}", flush=True)
         return 2
     return 0
-
-
-def env_flag(name: str, default: bool = False) -> bool:
-    """Reads a boolean ``SEARCHRL_*`` environment variable."""
-    raw = os.environ.get(cfgmod.env_name(name))
-    return default if raw is None else bool(cfgmod.parse_value(bool, raw))

@@ -9,9 +9,8 @@ Every check failed on the reviewed commit (a4ff7a2). To run them against another
     git archive a4ff7a2 deploy | tar -x -C /tmp/headchart
     SEARCHRL_DEPLOY_ROOT=/tmp/headchart pytest tests/deploy/test_offline_checks.py
 
-The checks of code (C6 reachability, C9, C11, C14) read the searchrl package that is imported: put a tree of the old
-code (``searchrl/`` with ``services``, ``client``, ``retriever``, ``simulator``, ``trainer``, ``evaluator`` linked in
-as setup.py maps them) first on ``PYTHONPATH`` and run pytest from outside the checkout.
+The checks of code (C6 reachability, C9, C11, C14) read the searchrl namespace that is imported: put the folders of
+the old code that hold it first on ``PYTHONPATH`` and run pytest from outside the checkout.
 
 | check | finding | guards against |
 |---|---|---|
@@ -60,7 +59,8 @@ from searchrl.testing import ServiceProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 # The source tree of the searchrl code these tests import (this checkout, or another one first on PYTHONPATH).
-CODE_ROOT = Path(importlib.util.find_spec("searchrl.trainer").origin or "").resolve().parents[1]
+# The folders holding the searchrl namespace that is imported (the core's and each application's portion).
+SOURCE_ROOTS = [Path(p).resolve().parent for p in importlib.import_module("searchrl").__path__]
 CI_VALUES = ["cpu-only-values.yaml", "gpu-values.yaml", "external-redis-values.yaml"]
 ALL_VALUES = [(), *[(v,) for v in CI_VALUES]]
 VALUES_IDS = ["default", *CI_VALUES]
@@ -372,8 +372,8 @@ async def test_c13_policy_searches_reach_a_tls_and_token_retriever(
             secret = {"searchrl-tls": tls_secret, "searchrl-auth": auth_secret}[src["secretName"]]
             mounts[m["mountPath"]] = projected(secret, tmp_path / m["name"], src.get("items"))
     env = {k: remap(v, mounts) for k, v in container_env(c, {}).items() if isinstance(v, str)}
-    env["SEARCHRL_RETRIEVER_TARGET"] = secure_retriever["target"]
-    env.pop("SEARCHRL_SIMULATOR_TARGET", None)
+    env["SEARCHRL_POLICY_RETRIEVER_TARGET"] = secure_retriever["target"]
+    env.pop("SEARCHRL_POLICY_SIMULATOR_TARGET", None)
     env.pop("SEARCHRL_REDIS_URL", None)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -635,7 +635,7 @@ def test_c5_vllm_uses_every_gpu_of_the_pod_and_the_model_fits(render, values):
             continue
         gpus = int(c["resources"]["limits"]["nvidia.com/gpu"])
         kwargs = [json.loads(a.split("=", 1)[1]) for a in c["args"] if a.startswith("--vllm-kwargs=")]
-        env_kw = next((e.get("value") for e in c.get("env", []) if e["name"] == "SEARCHRL_VLLM_KWARGS"), None)
+        env_kw = next((e.get("value") for e in c.get("env", []) if e["name"] == "SEARCHRL_SIMULATOR_VLLM_KWARGS"), None)
         tp = (kwargs[-1] if kwargs else json.loads(env_kw or "{}")).get("tensor_parallel_size", 1)
         assert tp == gpus, f"{d['metadata']['name']}: vLLM tensor_parallel_size {tp} on a pod with {gpus} GPUs"
         model = next(a.split("=", 1)[1] for a in c["args"] if a.startswith("--model="))
@@ -652,32 +652,27 @@ def test_c5_simulator_parses_the_rendered_vllm_kwargs(render):
     from searchrl.simulator.server import SimulatorConfig
 
     c = one(render("gpu-values.yaml"), "Deployment", "searchrl-simulator")["spec"]["template"]["spec"]["containers"][0]
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    cfgmod.add_arguments(parser, SimulatorConfig)
-    cfg = cfgmod.from_sources(SimulatorConfig, parser.parse_args(c["args"]), {})
+    cfg = cfgmod.from_sources(SimulatorConfig, c["args"], {})
     assert json.loads(cfg.vllm_kwargs)["tensor_parallel_size"] == 2
 
 
 # ============================================================ C6 (#6, #9): trainer metrics on the RayJob path
 
-MODULE_ROOTS = {  # import name -> folder (setup.py COMPONENTS)
-    "searchrl.services": "services", "searchrl.client": "services/client", "searchrl.retriever": "retriever",
-    "searchrl.simulator": "simulator", "searchrl.trainer": "trainer", "searchrl.evaluator": "evaluator",
-    "searchrl": "searchrl",
-}  # fmt: skip
-
 
 def module_file(name: str) -> Path | None:
-    for prefix in sorted(MODULE_ROOTS, key=len, reverse=True):
-        if name == prefix or name.startswith(prefix + "."):
-            rel = name[len(prefix) :].lstrip(".").replace(".", "/")
-            base = CODE_ROOT / MODULE_ROOTS[prefix] / rel if rel else CODE_ROOT / MODULE_ROOTS[prefix]
-            for cand in (base.with_suffix(".py"), base / "__init__.py"):
-                if cand.is_file():
-                    return cand
+    """The file of module ``name`` in the imported searchrl namespace (its path is the module name)."""
+    for root in SOURCE_ROOTS:
+        base = root / name.replace(".", "/")
+        for cand in (base.with_suffix(".py"), base / "__init__.py"):
+            if cand.is_file():
+                return cand
     return None
+
+
+def package_dir(name: str) -> Path:
+    init = module_file(name)
+    assert init is not None and init.name == "__init__.py", f"{name} is not a package of the imported searchrl"
+    return init.parent
 
 
 def _imports(name: str, tree: ast.AST) -> set[str]:
@@ -723,7 +718,7 @@ def reachable_modules(roots: set[str]) -> dict[str, ast.AST]:
 def config_roots() -> set[str]:
     """Modules the RayJob presets name: tool classes, agent-loop targets, the reward function (pkg://)."""
     out = {"searchrl.trainer.rayjob_entrypoint"}
-    for path in (CODE_ROOT / "trainer" / "searchrl" / "trainer" / "config").rglob("*.yaml"):
+    for path in (package_dir("searchrl.trainer") / "config").rglob("*.yaml"):
         text = path.read_text()
         out |= set(re.findall(r"(?:class_name|_target_):\s*(searchrl\.[\w.]+)", text))
         out |= set(re.findall(r"pkg://(searchrl\.[\w.]+)", text))
@@ -732,17 +727,19 @@ def config_roots() -> set[str]:
 
 def exporter_calls(metrics: set[str]) -> tuple[set[str], set[str]]:
     """``(definers, modules calling one)``: top-level classes/functions of the repository that start a Prometheus
-    HTTP server (``start_http_server``) for registries declaring all of ``metrics``, and the reachable modules
-    that call one of them (outside the definition itself)."""
+    HTTP server (``start_http_server``) in a module declaring all of ``metrics`` (in the class or in a module-level
+    table it reads), and the reachable modules that call one of them (outside the definition itself)."""
     definers: set[str] = set()
-    for path in list((CODE_ROOT / "trainer").rglob("*.py")) + list((CODE_ROOT / "services").rglob("*.py")):
+    for path in list(package_dir("searchrl.trainer").rglob("*.py")) + list(
+        package_dir("searchrl.services").rglob("*.py")
+    ):
         tree = ast.parse(path.read_text())
+        literals = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
         for node in tree.body:
             if not isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
             calls = {n.func.id if isinstance(n.func, ast.Name) else getattr(n.func, "attr", "")
                      for n in ast.walk(node) if isinstance(n, ast.Call)}  # fmt: skip
-            literals = {n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
             if "start_http_server" in calls and metrics <= literals:
                 definers.add(node.name)
     callers: set[str] = set()
@@ -1036,7 +1033,7 @@ def latency_buckets() -> tuple[float, ...]:
 
         return tuple(float(b) for b in LATENCY_BUCKETS_S)
     except ImportError:
-        src = (CODE_ROOT / "searchrl" / "serving" / "runtime.py").read_text()
+        src = (module_file("searchrl.serving.runtime") or Path("missing")).read_text()
         m = re.search(r'"searchrl_grpc_request_duration_seconds".*?buckets=\(([^)]*)\)', src, re.S)
         if not m:
             pytest.fail(

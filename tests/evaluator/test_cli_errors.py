@@ -54,7 +54,8 @@ def test_bad_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 async def test_resume_refuses_records_of_other_settings(tmp_path: Path) -> None:
     """An output directory holding records of another model/config is not silently mixed into a new run."""
-    from searchrl.evaluator.runner import EvalConfig, evaluate
+    from searchrl.evaluator.driver import evaluate
+    from searchrl.evaluator.methods import EvalConfig
 
     class _Tok:
         chat_template = "x"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from searchrl.data.datasets import DatasetError, available_datasets, load_dataset, read_flashrag_jsonl
+from searchrl.data.datasets import DatasetError, benchmark_file, load_dataset, read_flashrag_jsonl
 from searchrl.errors import InvalidRequest
 
 
@@ -68,9 +68,8 @@ def test_empty_file_and_missing_file(tmp_path: Path) -> None:
 
 
 def test_bundled_benchmarks_and_slicing() -> None:
-    specs = available_datasets()
     for name in ("bamboogle", "hotpotqa", "2wikimultihopqa", "musique", "nq", "triviaqa", "popqa"):
-        assert f"bench:{name}" in specs
+        assert benchmark_file(name).is_file()
     bam = load_dataset("bench:bamboogle")
     assert bam.name == "bamboogle" and len(bam) == bam.total_rows == 100
     assert bam.examples[0].golden_answers == ("james madison",)

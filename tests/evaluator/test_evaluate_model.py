@@ -14,14 +14,16 @@ from typing import Any
 import pytest
 
 from searchrl.data.datasets import load_dataset
+from searchrl.evaluator.driver import evaluate
+from searchrl.evaluator.methods import EvalConfig
 from searchrl.evaluator.records import read_records
-from searchrl.evaluator.runner import EvalConfig, evaluate
 from searchrl.reward.scoring import exact_match, f1_score, normalize_answer, score
 
 N_QUESTIONS = 20
 CFG = EvalConfig(
-    max_new_tokens=32, max_response_tokens=192, max_turns=2, top_k=3, max_doc_chars=300, concurrency=N_QUESTIONS
-)
+    max_new_tokens_per_turn=32, max_response_tokens=192, max_turns=2, top_k=3, max_doc_chars=300,
+    concurrency=N_QUESTIONS,
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

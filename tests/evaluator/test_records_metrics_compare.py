@@ -155,7 +155,7 @@ def test_compare_two_synthetic_runs(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 def test_compare_by_mlflow_run_id(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from searchrl.evaluator.cli import main
-    from searchrl.evaluator.tracking import log_evaluation
+    from searchrl.evaluator.driver import log_evaluation
 
     a = _write_run(tmp_path / "a", [_rec("hotpotqa", "rag", i, float(i % 2)) for i in range(50)])
     b = _write_run(tmp_path / "b", [_rec("hotpotqa", "rag", i, 1.0) for i in range(50)])

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from benchmarks.retrieval_support import cpu_has_native_bf16
 from searchrl.errors import InvalidRequest
 from searchrl.retriever.embed import (
     BGE_QUERY_INSTRUCTION,
     Prefixes,
     SplitChooser,
     canonical_model_name,
-    cpu_has_native_bf16,
     encode_packed,
     model_family,
     packing_plan,

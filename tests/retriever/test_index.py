@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.retrieval_support import measure_index_memory
 from searchrl.errors import FailedPrecondition
 from searchrl.retriever import index as ix
 from searchrl.retriever.corpus import PassageStore, iter_jsonl
@@ -140,7 +141,7 @@ def test_raw_search_r1_index_loads_unchanged(tmp_path: Path, index_dirs, flat_in
         ix.load_raw_index(raw, short, "all-minilm-l6-v2", encoder=encoder)
 
 
-def test_embedding_shards_resume_after_interruption(tmp_path: Path, encoder) -> None:  # noqa: ANN001
+def test_embedding_shards_resume_after_interruption(tmp_path: Path, encoder, monkeypatch) -> None:  # noqa: ANN001
     from searchrl.retriever.corpus import Passage
 
     corpus = tmp_path / "c.jsonl"
@@ -150,13 +151,18 @@ def test_embedding_shards_resume_after_interruption(tmp_path: Path, encoder) -> 
     class Interrupt(Exception):
         pass
 
-    def stop_after_two(i: int) -> None:
-        if i == 1:
+    encode, calls = encoder.encode_passages, []
+
+    def stop_after_two(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - one call per 8-passage shard
+        calls.append(1)
+        if len(calls) == 3:
             raise Interrupt
+        return encode(*args, **kwargs)
 
     out = tmp_path / "idx"
-    with pytest.raises(Interrupt):
-        ix.build_index(str(corpus), out, encoder=encoder, shard_size=8, progress=False, on_shard=stop_after_two)
+    with monkeypatch.context() as m, pytest.raises(Interrupt):
+        m.setattr(encoder, "encode_passages", stop_after_two)
+        ix.build_index(str(corpus), out, encoder=encoder, shard_size=8, progress=False)
     done = sorted(p.name for p in (out / "embeddings").glob("shard_*.npy"))
     assert done == ["shard_00000.npy", "shard_00001.npy"]
     assert not (out / ix.MANIFEST_FILE).exists()
@@ -178,9 +184,9 @@ def test_embedding_shards_resume_after_interruption(tmp_path: Path, encoder) -> 
 
 def test_memory_per_passage_matches_index_layout(flat_index, index_dirs) -> None:  # noqa: ANN001
     vecs = flat_index.index.reconstruct_n(0, flat_index.size)
-    flat = ix.measure_index_memory(vecs, "flat")
-    hnsw = ix.measure_index_memory(vecs[:400], "hnsw", ix.IndexParams(ef_construction=40))
-    pq = ix.measure_index_memory(vecs, "ivfpq")
+    flat = measure_index_memory(vecs, "flat")
+    hnsw = measure_index_memory(vecs[:400], "hnsw", ix.IndexParams(ef_construction=40))
+    pq = measure_index_memory(vecs, "ivfpq")
     assert flat.bytes_per_vector == pytest.approx(4 * 384, rel=0.01)
     assert hnsw.bytes_per_vector > flat.bytes_per_vector  # full vectors plus the graph
     p = ix.IndexParams().resolved(len(vecs), 384)

@@ -1,27 +1,26 @@
-"""Service configuration: flag > env > default precedence, typed parsing, bool forms, secrets kept out of logs."""
+"""Service configuration: flag > env > default precedence, per-service env names, typed parsing, bool forms, secrets
+kept out of logs."""
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import logging
 
 import pytest
 
+from searchrl.retriever.server import RetrieverConfig
 from searchrl.services.reward.server import RewardConfig
 from searchrl.serving import config as cfgmod
 from searchrl.serving.runtime import ServerConfig, run_service
 
 
 def parse(argv: list[str], environ: dict[str, str]) -> RewardConfig:
-    parser = argparse.ArgumentParser()
-    cfgmod.add_arguments(parser, RewardConfig)
-    return cfgmod.from_sources(RewardConfig, parser.parse_args(argv), environ)
+    return cfgmod.from_sources(RewardConfig, argv, environ)
 
 
 def test_names() -> None:
     assert cfgmod.flag_name("max_batch_size") == "--max-batch-size"
-    assert cfgmod.env_name("max_batch_size") == "SEARCHRL_MAX_BATCH_SIZE"
+    assert cfgmod.env_name(RewardConfig, "max_batch_size") == "SEARCHRL_REWARD_MAX_BATCH_SIZE"
+    assert cfgmod.env_name(RewardConfig, "grpc_port") == "SEARCHRL_GRPC_PORT"  # shared by every server
 
 
 def test_defaults_of_the_reward_service() -> None:
@@ -31,7 +30,7 @@ def test_defaults_of_the_reward_service() -> None:
 
 
 def test_flag_beats_env_beats_default() -> None:
-    env = {"SEARCHRL_MAX_BATCH_SIZE": "100", "SEARCHRL_GRPC_PORT": "6000", "SEARCHRL_GRACE_S": "2.5"}
+    env = {"SEARCHRL_REWARD_MAX_BATCH_SIZE": "100", "SEARCHRL_GRPC_PORT": "6000", "SEARCHRL_GRACE_S": "2.5"}
     cfg = parse(["--max-batch-size", "7"], env)
     assert cfg.max_batch_size == 7  # flag
     assert cfg.grpc_port == 6000  # env
@@ -39,6 +38,8 @@ def test_flag_beats_env_beats_default() -> None:
     assert cfg.max_response_chars == 65536  # default
     # only SEARCHRL_-prefixed variables count (Kubernetes injects REWARD_PORT-style service links)
     assert parse([], {"GRPC_PORT": "1", "REWARD_PORT": "tcp://10.0.0.1:50051"}).grpc_port == 50051
+    # a sibling's variable (the policy's rows-per-decode) does not reach the reward server
+    assert parse([], {"SEARCHRL_POLICY_MAX_BATCH_SIZE": "16"}).max_batch_size == 8192
 
 
 @pytest.mark.parametrize(
@@ -47,23 +48,23 @@ def test_flag_beats_env_beats_default() -> None:
     + [("0", False), ("false", False), ("No", False), ("off", False)],
 )
 def test_bool_forms(raw: str, value: bool) -> None:
-    assert cfgmod.parse_value(bool, raw) is value
-    assert cfgmod.parse_value(bool | None, raw) is value
+    assert cfgmod.from_sources(RetrieverConfig, [], {"SEARCHRL_RETRIEVER_USE_GPU": raw}).use_gpu is value
+    assert cfgmod.from_sources(RetrieverConfig, ["--use-gpu", raw], {}).use_gpu is value
 
 
 def test_bool_field_from_env_and_bad_values_name_their_source() -> None:
-    @dataclasses.dataclass
     class Cfg(ServerConfig):
         verbose: bool = cfgmod.field(False, help="chatty")
         tags: list[str] = cfgmod.field(default_factory=list, help="tags")
 
-    assert cfgmod.from_sources(Cfg, {}, {"SEARCHRL_VERBOSE": "yes"}).verbose is True
-    assert cfgmod.from_sources(Cfg, {"verbose": "off"}, {"SEARCHRL_VERBOSE": "yes"}).verbose is False
-    assert cfgmod.from_sources(Cfg, {}, {"SEARCHRL_TAGS": "a, b,,c"}).tags == ["a", " b", "c"]
-    with pytest.raises(ValueError, match="SEARCHRL_VERBOSE: expected a boolean"):
-        cfgmod.from_sources(Cfg, {}, {"SEARCHRL_VERBOSE": "maybe"})
+    assert cfgmod.from_sources(Cfg, [], {"SEARCHRL_CFG_VERBOSE": "yes"}).verbose is True
+    assert cfgmod.from_sources(Cfg, ["--verbose", "off"], {"SEARCHRL_CFG_VERBOSE": "yes"}).verbose is False
+    assert cfgmod.from_sources(Cfg, [], {"SEARCHRL_CFG_TAGS": "a, b,,c"}).tags == ["a", " b", "c"]
+    assert cfgmod.from_sources(Cfg, ["--tags", "a,b"], {}).tags == ["a", "b"]
+    with pytest.raises(ValueError, match="SEARCHRL_CFG_VERBOSE: Input should be a valid boolean"):
+        cfgmod.from_sources(Cfg, [], {"SEARCHRL_CFG_VERBOSE": "maybe"})
     with pytest.raises(ValueError, match="--grpc-port"):
-        cfgmod.from_sources(Cfg, {"grpc_port": "eighty"}, {})
+        cfgmod.from_sources(Cfg, ["--grpc-port", "eighty"], {})
 
 
 def test_secrets_are_redacted_and_not_shown_as_flag_defaults(capsys: pytest.CaptureFixture[str]) -> None:
@@ -73,10 +74,11 @@ def test_secrets_are_redacted_and_not_shown_as_flag_defaults(capsys: pytest.Capt
     assert shown["auth_token"] == "***" and "hunter2" not in repr(shown)
     assert shown["redis_url"] == "redis://127.0.0.1:6379/0"
     assert cfgmod.redacted(parse([], {}))["auth_token"] == ""  # unset stays visibly unset
-    parser = argparse.ArgumentParser()
-    cfgmod.add_arguments(parser, RewardConfig)
+    parser = cfgmod.parser_for(RewardConfig)
+    cfgmod.from_sources(RewardConfig, [], {}, parser=parser)
     help_text = parser.format_help()
     assert "SEARCHRL_AUTH_TOKEN" in help_text and "--max-response-chars" in help_text
+    assert "SEARCHRL_REWARD_MAX_RESPONSE_CHARS" in help_text
 
 
 def test_run_service_never_logs_the_token(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:

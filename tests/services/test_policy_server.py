@@ -122,7 +122,7 @@ async def test_generate_bad_input(server: GrpcServer, kwargs: dict[str, object],
 async def test_rollout_with_real_retriever_streams_turns_and_stores(
     engine: TransformersEngine, retriever: ServiceProcess, redis_url: str, redis_client
 ) -> None:  # type: ignore[no-untyped-def]
-    from searchrl.services.rollout_store import DEFAULT_STREAM, RolloutStore
+    from searchrl.services.rollouts import DEFAULT_STREAM, RolloutStore
 
     store = RolloutStore(redis_url)
     srv = await serve(

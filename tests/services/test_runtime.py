@@ -33,7 +33,7 @@ from searchrl.serving.runtime import (
     run_service,
     serve_until_signal,
 )
-from searchrl.testing import free_port, wait_for_health
+from searchrl.testing import free_port, redis_server, wait_for_health
 
 HERE = Path(__file__).resolve().parent
 PEER_SERVICE = "searchrl.test.Peer"
@@ -161,41 +161,18 @@ def test_start_up_log_never_shows_the_redis_password(
 @pytest.fixture(scope="module")
 def redis_with_password() -> Iterator[tuple[str, str]]:
     """A throwaway redis-server that requires AUTH; yields (url without password, password)."""
-    binary = shutil.which("redis-server")
-    if binary is None:
+    if shutil.which("redis-server") is None:
         pytest.skip("no redis-server binary")
-    port, password = free_port(), "p@ss/w#rd?%"  # characters that break a password inside a URL
-    with tempfile.TemporaryDirectory() as d:
-        proc = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", d, "--requirepass", password],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            import redis
-
-            client = redis.Redis(host="127.0.0.1", port=port, password=password)
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    client.ping()
-                    break
-                except redis.ConnectionError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.1)
-            client.close()
-            yield f"redis://127.0.0.1:{port}/0", password
-        finally:
-            proc.terminate()
-            proc.wait(10)
+    password = "p@ss/w#rd?%"  # characters that break a password inside a URL
+    with redis_server(password=password) as url:
+        yield url, password
 
 
 async def test_redis_password_is_passed_apart_from_the_url(
     redis_with_password: tuple[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from searchrl.rollout.v1 import rollout_pb2
-    from searchrl.services.rollout_store import RolloutStore
+    from searchrl.services.rollouts import RolloutStore
     from searchrl.serving.cache import SearchCache, make_cache
 
     url, password = redis_with_password

@@ -105,7 +105,7 @@ class OpenAICompatServer:
         stop = body.get("stop") or []
         [comp] = await self.engine.generate(
             [prompt],
-            max_tokens=int(body.get("max_tokens", 16)),
+            max_new_tokens=int(body.get("max_tokens", 16)),
             temperature=float(body.get("temperature", 1.0)),
             top_p=float(body.get("top_p", 1.0)),
             stop=[stop] if isinstance(stop, str) else list(stop),

@@ -183,7 +183,7 @@ async def _health(target: str) -> int:
 
 async def test_engine_down_is_unavailable_and_the_service_keeps_serving() -> None:
     config = SimulatorConfig(grpc_port=0, metrics_port=-1, engine="openai", openai_base_urls=["http://127.0.0.1:1"])
-    engine = OpenAISimulationEngine([f"http://127.0.0.1:{free_port()}"], "sim-model", max_attempts=2, backoff_s=0.01)
+    engine = OpenAISimulationEngine([f"http://127.0.0.1:{free_port()}"], "sim-model", max_attempts=2)
     server, client = await _serve(config, engine)
     try:
         for _ in range(2):

@@ -20,13 +20,15 @@ from searchrl.agent.loop import (
     EpisodeRequest,
     GenerationOutput,
     SearchContext,
-    extract_answer,
     format_documents,
     run_episodes,
 )
 from searchrl.agent.search import InProcessSearch, MixedSearch, NoSearch, RetrieverSearch, SimulatorSearch
+from searchrl.client.simulation import SimulatorClient
 from searchrl.errors import InvalidRequest
+from searchrl.reward.scoring import extract_answer
 from searchrl.rollout.v1 import rollout_pb2
+from searchrl.simulation.v1 import simulation_pb2
 from searchrl.testing import free_port
 
 DOCS = {
@@ -320,22 +322,39 @@ async def test_mixed_search_is_seeded(tokenizer) -> None:  # type: ignore[no-unt
     assert {(await MixedSearch(a, b, ratio=1.0).search("x", top_k=1, context=ctx)).backend} == {"a"}
 
 
+class RecordingSimulator:
+    """A SimulatorClient without a server: records the SearchRequest each search sends."""
+
+    def __init__(self) -> None:
+        self.requests: list[simulation_pb2.SearchRequest] = []
+
+    async def search(self, queries, top_k=0, *, timeout_s=None, **kw):  # type: ignore[no-untyped-def]
+        self.requests.append(SimulatorClient.build_request(queries, top_k, **kw))
+        return simulation_pb2.SearchResponse()
+
+
+async def sent(sim: SimulatorSearch, query: str, ctx: SearchContext) -> simulation_pb2.SearchRequest:
+    """The request ``sim`` sends for one search of ``query``."""
+    await sim.search(query, top_k=5, context=ctx)
+    return sim.client.requests[-1]  # type: ignore[attr-defined,no-any-return]
+
+
 async def test_simulator_request_carries_curriculum_and_context() -> None:
-    sim = SimulatorSearch(f"127.0.0.1:{free_port()}")
+    sim = SimulatorSearch(RecordingSimulator())  # type: ignore[arg-type]
     ctx = SearchContext("Who wrote Dracula?", ["Bram Stoker"], step=3, total_steps=10, seed=5)
-    req = sim.request("Dracula author", 5, ctx)
+    req = await sent(sim, "Dracula author", ctx)
     assert req.curriculum.step == 3 and req.curriculum.total_steps == 10
     assert req.question == "Who wrote Dracula?" and list(req.golden_answers) == ["Bram Stoker"] and req.seed != 0
-    assert req.seed == sim.request("Dracula author", 5, ctx).seed != sim.request("other", 5, ctx).seed
-    ev = SimulatorSearch(f"127.0.0.1:{free_port()}", training=False, quality="useful")
-    req = ev.request("Dracula author", 5, ctx)
+    assert req.seed == (await sent(sim, "Dracula author", ctx)).seed != (await sent(sim, "other", ctx)).seed
+    ev = SimulatorSearch(RecordingSimulator(), training=False, quality="useful")  # type: ignore[arg-type]
+    req = await sent(ev, "Dracula author", ctx)
     assert req.question == "" and not req.golden_answers and req.quality == rollout_pb2.DOCUMENT_QUALITY_USEFUL
     assert req.WhichOneof("quality_source") == "quality"
 
 
 def test_extract_answer() -> None:
     assert extract_answer("<answer> so \\boxed{Bram {Stoker}} </answer>") == "Bram {Stoker}"
-    assert extract_answer("<answer>a</answer> <answer> b </answer>", "search_r1") == "b"
+    assert extract_answer("<answer>a</answer> <answer> b </answer>") == "b"
     assert extract_answer("<answer> unclosed") == ""
 
 

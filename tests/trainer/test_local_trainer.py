@@ -212,7 +212,7 @@ def test_loss_mask_zero_tokens_get_no_gradient(policy_path: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from searchrl.trainer import grpo
-    from searchrl.trainer.local import _collate, response_logits
+    from searchrl.trainer.local import collate, response_logits
 
     tok = AutoTokenizer.from_pretrained(policy_path)
     model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
@@ -227,7 +227,7 @@ def test_loss_mask_zero_tokens_get_no_gradient(policy_path: str) -> None:
     sampled_2 = tok.encode("<answer> \\boxed{William Shakespeare} </answer>", add_special_tokens=False)
     response = sampled_1 + inserted + sampled_2
     mask = [1] * len(sampled_1) + [0] * len(inserted) + [1] * len(sampled_2)
-    mb = _collate([prompt], [response], [mask], int(tok.pad_token_id or 0))
+    mb = collate([prompt], [response], [mask], int(tok.pad_token_id or 0))
     cfg = grpo.actor_config(kl_loss_coef=0.001)
 
     captured: dict[str, torch.Tensor] = {}
@@ -271,7 +271,7 @@ def test_remote_policy_rollout_store_and_stopping_guard(tmp_path: Path, policy_p
     import asyncio
 
     from searchrl.client.policy import PolicyClient
-    from searchrl.services.rollout_store import RolloutStore
+    from searchrl.services.rollouts.store import RolloutStore
     from searchrl.testing import ServiceProcess
     from searchrl.trainer.local import train
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from searchrl.errors import InvalidRequest
+from searchrl.reward.shaping import format_progress, load_reward_function
 from searchrl.trainer import checkpoint as ckpt
-from searchrl.trainer.local import DataCursor, _collate, episode_seed, format_progress, load_reward_function
+from searchrl.trainer.local import DataCursor, collate, episode_seed
 
 
 def test_data_cursor_epochs_and_resume() -> None:
@@ -41,7 +42,7 @@ def test_episode_seeds_are_pure_and_distinct() -> None:
 
 def test_collate_layout() -> None:
     """Prompts left-padded, responses right-padded; logits of the last R+1 positions predict the R response tokens."""
-    b = _collate([[5, 6, 7], [8]], [[1, 2], [3, 4, 9]], [[1, 0], [1, 1, 0]], pad_id=0)
+    b = collate([[5, 6, 7], [8]], [[1, 2], [3, 4, 9]], [[1, 0], [1, 1, 0]], pad_id=0)
     assert b.input_ids.tolist() == [[5, 6, 7, 1, 2, 0], [0, 0, 8, 3, 4, 9]]
     assert b.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
     assert b.position_ids[1].tolist()[2:] == [0, 1, 2, 3]
@@ -174,7 +175,7 @@ def test_prometheus_gauges_served() -> None:
 def test_mlflow_run_create_and_reopen(tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    from searchrl.trainer.telemetry import MlflowRun
+    from searchrl.tracking import MlflowRun
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run = MlflowRun(uri, "exp", run_name="r1", tags={"k": "v"})
@@ -219,7 +220,7 @@ def test_shared_prompt_forward_matches_plain_forward() -> None:
     prompts = [prompt_a, prompt_a, prompt_a, prompt_b]
     responses = [[31, 32, 33], [41, 42], [51, 52, 53, 54], [61]]
     masks = [[1, 0, 1], [1, 1], [1, 1, 0, 1], [1]]
-    mb = _collate(prompts, responses, masks, pad_id=0)
+    mb = collate(prompts, responses, masks, pad_id=0)
     results = {}
     for share in (False, True):
         model.zero_grad(set_to_none=True)

@@ -195,9 +195,10 @@ def make_loop(
 
 def verl_row(question: str, golds: list[str]) -> dict[str, Any]:
     """The dataset fields verl passes to run(), from a row written by `searchrl data prepare`."""
-    from searchrl.trainer.data import QAExample, to_verl_row
+    from searchrl.data.datasets import Example
+    from searchrl.trainer.data import to_verl_row
 
-    row = to_verl_row(QAExample("q1", question, tuple(golds), "test"), index=0, split="train")
+    row = to_verl_row(Example("q1", question, tuple(golds), "test"), index=0, split="train")
     return {
         "raw_prompt": row["prompt"],
         "extra_info": row["extra_info"],

@@ -5,13 +5,13 @@ The Python API (what ``searchrl eval`` and the demo call)::
     from searchrl.evaluator import EvalConfig, evaluate, summary_table_markdown
 
     result = await evaluate(policy_backend, search_backend, ["bench:bamboogle"], ["direct", "rag", "agent"],
-                            "runs/eval", config=EvalConfig(max_new_tokens=128), limit=20)
+                            "runs/eval", config=EvalConfig(max_new_tokens_per_turn=128), limit=20)
     print(summary_table_markdown(result.rows), result.run_id)
 
 Modules: :mod:`~searchrl.data.datasets` (FlashRAG jsonl, bundled benchmarks, FanOutQA),
-:mod:`~searchrl.evaluator.runner` (the methods and the resumable driver), :mod:`~searchrl.evaluator.metrics`
-(summaries, tables, paired bootstrap), :mod:`~searchrl.evaluator.compare`, :mod:`~searchrl.evaluator.plots`,
-:mod:`~searchrl.evaluator.tracking` (MLflow) and :mod:`~searchrl.evaluator.cli`.
+:mod:`~searchrl.evaluator.methods` (direct, rag, agent), :mod:`~searchrl.evaluator.driver` (the resumable driver and
+its MLflow run), :mod:`~searchrl.evaluator.metrics` (summaries, tables, paired bootstrap),
+:mod:`~searchrl.evaluator.compare`, :mod:`~searchrl.evaluator.plots` and :mod:`~searchrl.evaluator.cli`.
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ from __future__ import annotations
 from typing import Any
 
 _EXPORTS = {
-    "evaluate": "searchrl.evaluator.runner",
-    "evaluate_sync": "searchrl.evaluator.runner",
-    "EvalConfig": "searchrl.evaluator.runner",
-    "EvalResult": "searchrl.evaluator.runner",
-    "EvalAborted": "searchrl.evaluator.runner",
+    "evaluate": "searchrl.evaluator.driver",
+    "EvalConfig": "searchrl.evaluator.methods",
+    "EvalResult": "searchrl.evaluator.driver",
+    "EvalAborted": "searchrl.evaluator.driver",
     "summary_table_markdown": "searchrl.evaluator.metrics",
     "pivot_table_markdown": "searchrl.evaluator.metrics",
     "summarize": "searchrl.evaluator.metrics",

@@ -17,13 +17,33 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from searchrl.errors import SearchRLError
+from searchrl.client.base import ChannelOptions
+from searchrl.errors import InvalidRequest, SearchRLError
+from searchrl.evaluator.methods import EvalConfig
+
+# EvalConfig field -> help of its flag --field-name; the defaults are EvalConfig's.
+_GENERATION_FLAGS = {
+    "template": "research_instruct (chat template) or research_base.",
+    "protocol": "Observation tags of the agent: research (<result>) or search_r1 (<information>).",
+    "scheme": "Reward-library scheme that decides format validity (research, search_r1_em, search_r1_structured, "
+    "zerosearch_f1).",
+    "max_turns": "Assistant turns per agent episode.",
+    "max_new_tokens_per_turn": "Tokens per generation call (per agent turn; the whole baseline answer).",
+    "max_response_tokens": "Agent response budget (generated + inserted tokens).",
+    "top_k": "Documents per search.",
+    "max_doc_chars": "Cut each shown document to this many characters (0: no limit).",
+    "temperature": "0 = greedy.",
+    "top_p": "Nucleus mass.",
+    "seed": "Base seed of the per-example seeds.",
+    "concurrency": "Examples in flight at once.",
+}
 
 
 def _eval_parser() -> argparse.ArgumentParser:
@@ -92,37 +112,13 @@ def _eval_parser() -> argparse.ArgumentParser:
         default="wiki",
         help="In-process retriever index directory ('wiki' = bundled Wikipedia summaries).",
     )
-    g.add_argument(
-        "--token",
-        default=os.environ.get("SEARCHRL_AUTH_TOKEN", ""),
-        help="Bearer token for the services (default $SEARCHRL_AUTH_TOKEN).",
-    )
+    g.add_argument("--token", default="", help="Bearer token for the services (default $SEARCHRL_AUTH_TOKEN[_FILE]).")
     g = p.add_argument_group("generation")
-    g.add_argument("--template", default="research_instruct", choices=("research_instruct", "research_base"))
-    g.add_argument("--protocol", default="research", choices=("research", "search_r1"))
-    g.add_argument(
-        "--scheme",
-        default="research",
-        help="Reward-library scheme that decides format validity (research, search_r1_em, search_r1_structured, zerosearch_f1).",
-    )
-    g.add_argument("--max-turns", type=int, default=4)
-    g.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=256,
-        help="Tokens per generation call (per agent turn; the whole baseline answer).",
-    )
-    g.add_argument(
-        "--max-response-tokens", type=int, default=1024, help="Agent response budget (generated + inserted tokens)."
-    )
-    g.add_argument("--top-k", type=int, default=3, help="Documents per search.")
-    g.add_argument(
-        "--max-doc-chars", type=int, default=0, help="Cut each shown document to this many characters (0: no limit)."
-    )
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy.")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--concurrency", type=int, default=8, help="Examples in flight at once.")
+    for name, help in _GENERATION_FLAGS.items():
+        default = EvalConfig.model_fields[name].default
+        flags = ["--max-new-tokens"] if name == "max_new_tokens_per_turn" else []  # the flag's older, shorter name
+        flags.append("--" + name.replace("_", "-"))
+        g.add_argument(*flags, dest=name, type=type(default), default=default, help=f"{help} (default {default})")
     g = p.add_argument_group("tracking and output")
     g.add_argument(
         "--mlflow-uri", default="", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite under --out)."
@@ -188,135 +184,74 @@ def compare_main(argv: Sequence[str]) -> int:
     return 0
 
 
-async def _open_search(args: argparse.Namespace, stack: contextlib.AsyncExitStack) -> tuple[Any, str]:
-    """The search backend the flags ask for, and its label."""
-    from searchrl.errors import InvalidRequest
+async def _open_search(
+    args: argparse.Namespace, options: ChannelOptions, stack: contextlib.AsyncExitStack
+) -> tuple[Any, str]:
+    """The search backend the flags ask for (``None`` for ``--search none``), and its label."""
+    from searchrl.agent.search import SearchSpec, build_search_backend
 
     if args.search == "none":
         return None, "none"
-    if args.search == "simulator":
-        from searchrl.agent.search import SimulatorSearch
+    if args.search == "simulator" and not args.simulator_target:
+        raise InvalidRequest(
+            "--search simulator needs --simulator-target host:port (start one with 'searchrl serve simulator')"
+        )
+    if args.search == "retriever" and not args.retriever_target:
+        from searchrl.retriever.inprocess import open_inprocess_retriever
 
-        if not args.simulator_target:
-            raise InvalidRequest(
-                "--search simulator needs --simulator-target host:port (start one with 'searchrl serve simulator')"
-            )
-        backend = SimulatorSearch(args.simulator_target, training=False, token=args.token)
-        stack.push_async_callback(backend.close)
-        return backend, "simulator"
-    if args.retriever_target:
-        from searchrl.agent.search import RetrieverSearch
-
-        backend = RetrieverSearch(args.retriever_target, token=args.token)
-        stack.push_async_callback(backend.close)
-        return backend, "retriever"
-    backend = await open_inprocess_retriever(args.index_dir)
+        spec = SearchSpec(kind="inprocess", inprocess=await open_inprocess_retriever(args.index_dir))
+    else:
+        spec = SearchSpec(
+            kind=args.search, retriever_target=args.retriever_target, simulator_target=args.simulator_target,
+            training=False, options=options,
+        )  # fmt: skip
+    backend = build_search_backend(spec)
     stack.push_async_callback(backend.close)
-    return backend, "retriever"
+    return backend, args.search
 
 
-class _InProcessRetriever:
-    """A :class:`~searchrl.agent.loop.SearchBackend` over an in-process retrieval engine (no server)."""
-
-    name = "retriever"
-
-    def __init__(self, engine: Any) -> None:
-        self.engine = engine
-
-    async def search(self, query: str, *, top_k: int, context: Any) -> Any:
-        from searchrl.agent.loop import SearchOutcome
-
-        try:
-            (result,) = await self.engine.search([query], top_k=top_k)
-        except SearchRLError as exc:
-            return SearchOutcome([], self.name, error=f"{type(exc).__name__}: {exc}")
-        return SearchOutcome(list(result.documents), self.name, cache_hit=bool(result.cache_hit))
-
-    async def close(self) -> None:
-        await self.engine.close()
-        self.engine.index.close()
-
-
-async def open_inprocess_retriever(index_dir: str = "wiki") -> Any:
-    """A search backend over a local index directory (``wiki``/``wiki:<type>``: the bundled Wikipedia index).
-
-    Raises:
-        searchrl.errors.FailedPrecondition: the index is missing or does not match its model.
-    """
-    from searchrl.retriever import index as ix
-    from searchrl.retriever.engine import RetrievalEngine
-
-    if index_dir == "wiki" or index_dir.startswith("wiki:"):
-        kind = index_dir.split(":", 1)[1] if ":" in index_dir else "flat"
-        index_dir = str(await asyncio.to_thread(ix.ensure_wiki_index, kind, progress=False))
-    loaded = await asyncio.to_thread(ix.load_index, index_dir, use_gpu=False)
-    engine = RetrievalEngine(loaded)
-    await engine.start()
-    return _InProcessRetriever(engine)
-
-
-async def _open_policy(args: argparse.Namespace, stack: contextlib.AsyncExitStack) -> tuple[Any, str]:
+async def _open_policy(
+    args: argparse.Namespace, cfg: EvalConfig, options: ChannelOptions, stack: contextlib.AsyncExitStack
+) -> tuple[Any, str]:
     """The generation backend (remote PolicyService or in-process engine) and the model label."""
     from searchrl.assets import EMBEDDED_POLICY, policy_model_path
 
     if args.policy_target:
         from transformers import AutoTokenizer
 
-        from searchrl.client.base import ChannelOptions
         from searchrl.client.policy import PolicyClient
         from searchrl.services.policy.engines import RemotePolicyBackend
 
-        client = PolicyClient(args.policy_target, ChannelOptions(token=args.token, timeout_s=600.0))
+        client = PolicyClient(args.policy_target, dataclasses.replace(options, timeout_s=600.0))
         stack.push_async_callback(client.close)
-        model = args.model
-        if not model:
-            info = await client.model_info()
-            model = info.model
+        model = args.model or (await client.model_info()).model
         path = await asyncio.to_thread(policy_model_path, model)
         tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, path)
         return RemotePolicyBackend(client, tokenizer), model
-    from searchrl.services.policy.engines import TransformersEngine
+    from searchrl.services.policy.server import PolicyConfig, build_engine
 
     model = args.model or EMBEDDED_POLICY
-    path = await asyncio.to_thread(policy_model_path, model)
-    engine = await asyncio.to_thread(TransformersEngine, path, None, "float32", max(1, args.concurrency))
+    engine = await asyncio.to_thread(build_engine, PolicyConfig(model=model, max_batch_size=cfg.concurrency))
     stack.push_async_callback(engine.close)
     return engine, model
 
 
 async def _run(args: argparse.Namespace) -> Any:
-    from searchrl.evaluator.runner import EvalConfig, evaluate
-
-    cfg = EvalConfig(
-        template=args.template,
-        protocol=args.protocol,
-        max_turns=args.max_turns,
-        max_new_tokens=args.max_new_tokens,
-        max_response_tokens=args.max_response_tokens,
-        top_k=args.top_k,
-        max_doc_chars=args.max_doc_chars,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        concurrency=args.concurrency,
-        scheme=args.scheme,
-    )
-    cfg.validate()
-    from searchrl.reward.scoring import validate_scheme
-
-    validate_scheme(cfg.scheme)
     from searchrl.data.datasets import load_dataset
-    from searchrl.evaluator.runner import _resolve_methods
+    from searchrl.evaluator.driver import evaluate
+    from searchrl.evaluator.methods import resolve_methods
 
+    cfg = EvalConfig(**{name: getattr(args, name) for name in _GENERATION_FLAGS})
     # Validate datasets and methods before loading any model.
     datasets = [
         load_dataset(d, limit=args.limit, sample_seed=args.sample_seed, skip_invalid=args.skip_invalid)
         for d in (args.dataset or ["bench:bamboogle"])
     ]
-    methods = _resolve_methods(args.method or ["all"], args.search != "none")
+    methods = resolve_methods(args.method or ["all"], args.search != "none")
+    options = ChannelOptions.from_env(**({"token": args.token} if args.token else {}))
     async with contextlib.AsyncExitStack() as stack:
-        search, search_name = await _open_search(args, stack)
-        policy, model = await _open_policy(args, stack)
+        search, search_name = await _open_search(args, options, stack)
+        policy, model = await _open_policy(args, cfg, options, stack)
         return await evaluate(
             policy,
             search,
@@ -343,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _eval_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from searchrl.evaluator.runner import EvalAborted
+    from searchrl.evaluator.driver import EvalAborted
 
     try:
         result = asyncio.run(_run(args))

@@ -7,6 +7,7 @@ count, so a partial run can be compared with a full one.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from searchrl.errors import InvalidRequest
-from searchrl.evaluator.metrics import METHOD_ORDER, BootstrapResult, paired_bootstrap
+from searchrl.evaluator.metrics import BootstrapResult, method_rank, paired_bootstrap
 from searchrl.evaluator.records import read_records
 
 
@@ -39,19 +40,29 @@ class ComparisonRow:
 
 
 def load_run_records(run: str, tracking_uri: str | None = None) -> list[dict[str, Any]]:
-    """Records of a run given as a directory, a jsonl file or an MLflow run id.
+    """Records of a run given as a directory, a jsonl file or an MLflow run id (its ``records.jsonl`` artifact, from
+    ``tracking_uri``, default ``$MLFLOW_TRACKING_URI``).
 
     Raises:
-        InvalidRequest: nothing usable at that path / id.
+        InvalidRequest: nothing usable at that path / id, or a run id without a tracking URI.
     """
     p = Path(run).expanduser()
     if p.exists():
         records: list[dict[str, Any]] = read_records(p)
         return records
-    from searchrl.evaluator.tracking import download_records
+    from searchrl.tracking import mlflow_client
 
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if not uri:
+        raise InvalidRequest(
+            f"{run!r} is not an eval output directory, and no MLflow tracking URI is set (--mlflow-uri)"
+        )
     with tempfile.TemporaryDirectory(prefix="searchrl-compare-") as d:
-        records = read_records(download_records(run, d, tracking_uri))
+        try:
+            path = mlflow_client(uri).download_artifacts(run, "records.jsonl", d)
+        except Exception as exc:  # noqa: BLE001 - MLflow raises MlflowException / OSError variants
+            raise InvalidRequest(f"cannot load records of MLflow run {run!r} from {uri}: {exc}") from None
+        records = read_records(path)
     return records
 
 
@@ -98,7 +109,7 @@ def compare_records(
                 pairs.append((ds, method_a, method_b))
             continue
         methods = [m for (d, m) in ia if d == ds and (d, m) in ib]
-        methods.sort(key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER))
+        methods.sort(key=method_rank)
         pairs += [(ds, m, m) for m in methods]
     rows: list[ComparisonRow] = []
     for ds, ma, mb in pairs:
@@ -122,25 +133,33 @@ def compare_records(
     return rows
 
 
-def _fmt(r: BootstrapResult) -> str:
-    return f"{100 * r.diff:+.1f} [{100 * r.ci_low:+.1f}, {100 * r.ci_high:+.1f}]" + (" *" if r.significant else "")
+def _cells(r: ComparisonRow) -> list[str]:
+    """The table cells of one row, in points of %."""
+
+    def diff(b: BootstrapResult) -> str:
+        return f"{100 * b.diff:+.1f} [{100 * b.ci_low:+.1f}, {100 * b.ci_high:+.1f}]" + (" *" if b.significant else "")
+
+    method = r.method_a if r.method_a == r.method_b else f"{r.method_a} → {r.method_b}"
+    em, f1 = r.em, r.f1
+    return [r.dataset, method, str(em.n), f"{100 * em.mean_a:.1f}", f"{100 * em.mean_b:.1f}", diff(em),
+            f"{100 * f1.mean_a:.1f}", f"{100 * f1.mean_b:.1f}", diff(f1)]  # fmt: skip
+
+
+def _legend(rows: Sequence[ComparisonRow], label_a: str, label_b: str) -> tuple[int, str]:
+    conf = int(round(100 * rows[0].em.confidence)) if rows else 95
+    return conf, f"A = {label_a}, B = {label_b}; paired bootstrap {conf}% CI, points of %; * = CI excludes 0"
 
 
 def comparison_table_markdown(rows: Sequence[ComparisonRow], label_a: str = "A", label_b: str = "B") -> str:
     """Rows as a markdown table, B minus A in points of %; ``*`` marks an interval that excludes 0."""
-    conf = int(round(100 * rows[0].em.confidence)) if rows else 95
+    conf, legend = _legend(rows, label_a, label_b)
     lines = [
-        f"A = {label_a}, B = {label_b}; paired bootstrap {conf}% CI, points of %; * = CI excludes 0",
+        legend,
         "",
         f"| dataset | method | n | EM A | EM B | ΔEM [{conf}% CI] | F1 A | F1 B | ΔF1 [{conf}% CI] |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        *("| " + " | ".join(_cells(r)) + " |" for r in rows),
     ]
-    for r in rows:
-        method = r.method_a if r.method_a == r.method_b else f"{r.method_a} → {r.method_b}"
-        lines.append(
-            f"| {r.dataset} | {method} | {r.em.n} | {100 * r.em.mean_a:.1f} | {100 * r.em.mean_b:.1f} | {_fmt(r.em)} "
-            f"| {100 * r.f1.mean_a:.1f} | {100 * r.f1.mean_b:.1f} | {_fmt(r.f1)} |"
-        )
     return "\n".join(lines) + "\n"
 
 
@@ -152,18 +171,11 @@ def print_comparison(
     from rich.table import Table
 
     con = console or Console()
-    conf = int(round(100 * rows[0].em.confidence)) if rows else 95
-    t = Table(
-        title=f"B - A  (A = {label_a}, B = {label_b}); paired bootstrap {conf}% CI, points of %; * = CI excludes 0"
-    )
+    t = Table(title=f"B - A  ({_legend(rows, label_a, label_b)[1]})")
     for col in ("dataset", "method", "n", "EM A", "EM B", "ΔEM [CI]", "F1 A", "F1 B", "ΔF1 [CI]"):
         t.add_column(col, justify="left" if col in ("dataset", "method") else "right")
     for r in rows:
-        method = r.method_a if r.method_a == r.method_b else f"{r.method_a} → {r.method_b}"
-        t.add_row(
-            r.dataset, method, str(r.em.n), f"{100 * r.em.mean_a:.1f}", f"{100 * r.em.mean_b:.1f}", _fmt(r.em),
-            f"{100 * r.f1.mean_a:.1f}", f"{100 * r.f1.mean_b:.1f}", _fmt(r.f1),
-        )  # fmt: skip
+        t.add_row(*_cells(r))
     con.print(t)
     skipped = [(r.dataset, r.only_a, r.only_b) for r in rows if r.only_a or r.only_b]
     for ds, oa, ob in skipped:

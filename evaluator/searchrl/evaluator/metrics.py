@@ -28,6 +28,11 @@ import numpy as np
 METHOD_ORDER = ("direct", "rag", "agent")
 
 
+def method_rank(method: str) -> int:
+    """Sort key of a method in tables: its place in :data:`METHOD_ORDER`, other methods after."""
+    return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+
+
 def answer_accuracy(answer: str, golden_answers: Sequence[str]) -> float:
     """1.0 when a normalised gold answer occurs in the normalised answer on word boundaries, else 0.0.
 
@@ -87,20 +92,8 @@ class SummaryRow:
     mean_generated_tokens: float
     mean_latency_ms: float
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 SUMMARY_FIELDS = tuple(SummaryRow.__dataclass_fields__)
-
-
-def _sort_key(dataset_order: Mapping[str, int]) -> Any:
-    def key(pair: tuple[str, str]) -> tuple[int, str, int, str]:
-        ds, method = pair
-        m = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
-        return (dataset_order.get(ds, len(dataset_order)), ds, m, method)
-
-    return key
 
 
 def summarize(records: Iterable[Mapping[str, Any]]) -> list[SummaryRow]:
@@ -123,7 +116,7 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> list[SummaryRow]:
         return float(np.mean([float(x[key]) for x in rows])) if rows else 0.0
 
     out = []
-    for ds, method in sorted(groups, key=_sort_key(order)):
+    for ds, method in sorted(groups, key=lambda pair: (order[pair[0]], method_rank(pair[1]), pair[1])):
         rows = groups[(ds, method)]
         out.append(
             SummaryRow(
@@ -178,7 +171,7 @@ def pivot_table_markdown(rows: Sequence[SummaryRow], metric: str = "em") -> str:
         if r.method not in methods:
             methods.append(r.method)
         cell[(r.method, r.dataset)] = float(getattr(r, metric))
-    methods.sort(key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER))
+    methods.sort(key=method_rank)
     lines = ["| method | " + " | ".join(datasets) + " | avg |", "|---|" + "---:|" * (len(datasets) + 1)]
     for m in methods:
         vals = [cell.get((m, d)) for d in datasets]
@@ -194,7 +187,7 @@ def summary_csv(rows: Sequence[SummaryRow]) -> str:
     w = csv.DictWriter(buf, fieldnames=list(SUMMARY_FIELDS), lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow(r.to_dict())
+        w.writerow(asdict(r))
     return buf.getvalue()
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from searchrl.evaluator.metrics import METHOD_ORDER, SummaryRow
+from searchrl.evaluator.metrics import SummaryRow, method_rank
 
 
 def _pyplot() -> Any:
@@ -18,11 +18,6 @@ def _pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def _methods(rows: Sequence[SummaryRow]) -> list[str]:
-    ms = list(dict.fromkeys(r.method for r in rows))
-    return sorted(ms, key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER))
 
 
 def plot_metrics(
@@ -40,7 +35,7 @@ def plot_metrics(
     """
     plt = _pyplot()
     datasets = list(dict.fromkeys(r.dataset for r in rows))
-    methods = _methods(rows)
+    methods = sorted(dict.fromkeys(r.method for r in rows), key=method_rank)
     cell = {(r.dataset, r.method): r for r in rows}
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
     x = np.arange(len(datasets))

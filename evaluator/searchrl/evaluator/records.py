@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -104,9 +104,6 @@ class RecordStore:
 
     def __len__(self) -> int:
         return len(self._records)
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return iter(self.records())
 
     def append(self, record: Mapping[str, Any]) -> None:
         """Writes one record as a line and makes it durable (flush + fsync)."""

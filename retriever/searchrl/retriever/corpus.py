@@ -347,11 +347,6 @@ class PassageStore:
         row = self.row_of(pid)
         return None if row is None else self.get(row)
 
-    def iter_passages(self, start: int = 0, stop: int | None = None) -> Iterator[Passage]:
-        """Passages of rows ``start`` to ``stop`` (exclusive), in order."""
-        for row in range(start, self.size if stop is None else min(stop, self.size)):
-            yield self.get(row)
-
     def texts_for_embedding(self, rows: Sequence[int]) -> list[str]:
         """``"title\\ntext"`` strings of ``rows`` (what the passage encoder sees; the title helps short passages)."""
         out = []

@@ -120,16 +120,6 @@ QUERY_DTYPES = ("auto", "float32", "bfloat16", "float16")
 CPU_BUCKET_OVERHEAD_TOKENS = {"float32": 28.0, "bfloat16": 50.0}
 
 
-def cpu_has_native_bf16() -> bool:
-    """True when this CPU runs bfloat16 matmuls natively (AVX512-BF16 or AMX), as oneDNN reports it."""
-    try:
-        import torch
-
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def resolve_query_dtype(query_dtype: str, device: str, fp16: bool) -> str:
     """The dtype queries are encoded in: ``"auto"`` is float16 on CUDA (when ``fp16``) and float32 on CPU.
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from searchrl.errors import FailedPrecondition
 from searchrl.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
@@ -30,9 +29,8 @@ log = logging.getLogger("searchrl.retriever.server")
 SERVICE_NAME = retrieval_pb2.DESCRIPTOR.services_by_name["RetrievalService"].full_name
 
 
-@dataclass
 class RetrieverConfig(ServerConfig):
-    """Settings of the RetrievalService (flags ``--index-dir`` ..., env ``SEARCHRL_INDEX_DIR`` ...)."""
+    """Settings of the RetrievalService (flags ``--index-dir`` ..., env ``SEARCHRL_RETRIEVER_INDEX_DIR`` ...)."""
 
     grpc_port: int = field(50052, help="gRPC port; 0 picks a free port.")
     metrics_port: int = field(9092, help="Prometheus /metrics HTTP port; 0 picks a free port, -1 disables.")
@@ -89,33 +87,29 @@ class RetrieverConfig(ServerConfig):
 def _load(config: RetrieverConfig):  # noqa: ANN202 - LoadedIndex, imported lazily
     from searchrl.retriever import index as ix
 
-    use_gpu = None if config.use_gpu else False
-    common = {
-        "use_gpu": use_gpu,
-        "nprobe": config.nprobe,
-        "ef_search": config.ef_search,
-        "mmap": config.mmap_index,
-        "torch_threads": config.torch_threads,
-        "query_dtype": config.query_dtype,
-        "encode_workers": config.encode_workers,
-    }
+    options = ix.LoadOptions(
+        use_gpu=None if config.use_gpu else False,
+        nprobe=config.nprobe,
+        ef_search=config.ef_search,
+        mmap=config.mmap_index,
+        torch_threads=config.torch_threads,
+        query_dtype=config.query_dtype,
+        encode_workers=config.encode_workers,
+    )
     if config.index_path:
         if config.index_dir:
             raise FailedPrecondition("give either --index-dir or --index-path, not both")
         if not config.corpus_path:
             raise FailedPrecondition("--index-path needs --corpus-path (the corpus jsonl the index was built from)")
-        return ix.load_raw_index(config.index_path, config.corpus_path, config.embedding_model, **common)
+        return ix.load_raw_index(config.index_path, config.corpus_path, config.embedding_model, options)
     if not config.index_dir:
         raise FailedPrecondition(
             "no index: pass --index-dir DIR (from 'searchrl index build'), --index-dir wiki, or --index-path/--corpus-path"
         )
-    index_dir = config.index_dir
-    if index_dir == "wiki" or index_dir.startswith("wiki:"):
-        kind = index_dir.split(":", 1)[1] if ":" in index_dir else "flat"
-        index_dir = str(ix.ensure_wiki_index(kind, model=config.embedding_model or "all-minilm-l6-v2", progress=False))
-    if not os.path.isdir(index_dir):
+    index_dir = ix.resolve_index_dir(config.index_dir, model=config.embedding_model)
+    if not index_dir.is_dir():
         raise FailedPrecondition(f"index directory {index_dir} does not exist")
-    return ix.load_index(index_dir, config.embedding_model, **common)
+    return ix.load_index(index_dir, config.embedding_model, options)
 
 
 class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):

@@ -2,7 +2,7 @@
 
 Every engine implements :class:`SimulationEngine`::
 
-    await engine.generate(prompts, max_tokens=..., temperature=..., top_p=..., stop=[...], seed=...) -> [Completion]
+    await engine.generate(prompts, max_new_tokens=..., temperature=..., top_p=..., stop=[...], seed=...) -> [Completion]
 
 A prompt is either plain text (sent as is) or chat messages. When the last message is an assistant message, the
 engine *continues* it (the chat template is rendered up to and including that message's text, with no end-of-turn
@@ -16,25 +16,23 @@ string (OpenAI semantics), and report how many tokens were generated (the cost c
 * :class:`VLLMSimulationEngine` - an in-process ``vllm.v1.engine.async_llm.AsyncLLM`` on a GPU; vLLM batches
   concurrent requests itself. Imported lazily.
 * :class:`OpenAISimulationEngine` - one or more vLLM/SGLang servers speaking the OpenAI API (``/v1/chat/completions``
-  or ``/v1/completions``), as ZeroSearch deploys its simulator: round-robin over base URLs, retries with exponential
-  backoff on connection errors, 429 and 5xx, and per-request timeouts. A dead server becomes
-  :class:`~searchrl.errors.Unavailable`, a slow one :class:`~searchrl.errors.DeadlineExceeded`.
+  or ``/v1/completions``) through the ``openai`` SDK, as ZeroSearch deploys its simulator: round-robin over base URLs,
+  the SDK's retries with exponential backoff on connection errors, timeouts, 429 and 5xx, and per-request timeouts. A
+  dead server becomes :class:`~searchrl.errors.Unavailable`, a slow one :class:`~searchrl.errors.DeadlineExceeded`.
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import itertools
-import logging
-import random
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
+from searchrl.agent.settings import SamplingParams
 from searchrl.errors import DeadlineExceeded, FailedPrecondition, InvalidRequest, Unavailable
-
-log = logging.getLogger("searchrl.simulator.engines")
 
 Message = Mapping[str, str]
 Prompt = str | Sequence[Message]
@@ -49,7 +47,8 @@ class Completion:
     Attributes:
         text: the generated text, without the prompt, the prefill or the stop string.
         tokens: number of tokens generated (the engine cost of this completion).
-        finish_reason: ``"stop"`` (a stop string or EOS), ``"length"`` (``max_tokens`` reached) or ``""`` (unknown).
+        finish_reason: ``"stop"`` (a stop string or EOS), ``"length"`` (``max_new_tokens`` reached) or ``""``
+            (unknown).
     """
 
     text: str
@@ -57,8 +56,8 @@ class Completion:
     finish_reason: str = ""
 
 
-class SimulationEngine(Protocol):
-    """What the simulator needs from an LLM engine."""
+class SimulationEngine(abc.ABC):
+    """What the simulator needs from an LLM engine: :meth:`generate` over the engine's own :meth:`complete`."""
 
     #: ``"transformers"``, ``"vllm"`` or ``"openai"``.
     name: str
@@ -69,17 +68,17 @@ class SimulationEngine(Protocol):
         self,
         prompts: Sequence[Prompt],
         *,
-        max_tokens: int,
+        max_new_tokens: int,
         temperature: float = 0.7,
         top_p: float = 0.95,
         stop: Sequence[str] = (),
         seed: int | Sequence[int] | None = None,
     ) -> list[Completion]:
-        """Completes every prompt; see the module docstring for prompt and completion semantics.
+        """Completes every prompt concurrently; see the module docstring for prompt and completion semantics.
 
         Args:
             prompts: N prompts (text or chat messages).
-            max_tokens: at most this many new tokens per prompt (>= 1).
+            max_new_tokens: at most this many new tokens per prompt (>= 1).
             temperature: sampling temperature (>= 0; 0 is greedy).
             top_p: nucleus mass in (0, 1].
             stop: generation of a prompt ends at the first of these strings (excluded from the text).
@@ -89,29 +88,26 @@ class SimulationEngine(Protocol):
             N completions, in order.
 
         Raises:
-            InvalidRequest: bad sampling parameters or a prompt the engine cannot take (too long ...).
+            InvalidRequest: bad sampling parameters (:class:`~searchrl.agent.settings.SamplingParams`) or a prompt the
+                engine cannot take (too long ...).
             Unavailable: the engine is down.
             DeadlineExceeded: the engine did not answer in time.
         """
-        ...
+        sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+        seeds = seeds_for(len(prompts), seed)
+        stops = tuple(s for s in stop if s)
+        return list(
+            await asyncio.gather(*(self.complete(p, sampling, stops, s) for p, s in zip(prompts, seeds, strict=True)))
+        )
 
-    async def close(self) -> None:
+    @abc.abstractmethod
+    async def complete(
+        self, prompt: Prompt, sampling: SamplingParams, stop: tuple[str, ...], seed: int | None
+    ) -> Completion:
+        """One completion of one prompt, with validated sampling parameters and non-empty stop strings."""
+
+    async def close(self) -> None:  # noqa: B027 - engines without resources keep this no-op
         """Releases the engine's resources."""
-        ...
-
-
-def check_sampling(max_tokens: int, temperature: float, top_p: float) -> None:
-    """Validates sampling parameters.
-
-    Raises:
-        InvalidRequest: ``max_tokens < 1``, ``temperature < 0`` or ``top_p`` outside (0, 1].
-    """
-    if max_tokens < 1:
-        raise InvalidRequest(f"max_tokens must be >= 1, got {max_tokens}")
-    if temperature < 0:
-        raise InvalidRequest(f"temperature must be >= 0, got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise InvalidRequest(f"top_p must be in (0, 1], got {top_p}")
 
 
 def seeds_for(n: int, seed: int | Sequence[int] | None) -> list[int | None]:
@@ -167,7 +163,7 @@ def render_chat(tokenizer: Any, messages: Sequence[Message]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- transformers
-class TransformersSimulationEngine:
+class TransformersSimulationEngine(SimulationEngine):
     """CPU simulation on the shared continuous-batching :class:`~searchrl.services.policy.engines.TransformersEngine`.
 
     Args:
@@ -214,34 +210,21 @@ class TransformersSimulationEngine:
         text = prompt if isinstance(prompt, str) else render_chat(self.tokenizer, prompt)
         return [int(t) for t in self.tokenizer.encode(text, add_special_tokens=False)]
 
-    async def generate(
-        self,
-        prompts: Sequence[Prompt],
-        *,
-        max_tokens: int,
-        temperature: float = 0.7,
-        top_p: float = 0.95,
-        stop: Sequence[str] = (),
-        seed: int | Sequence[int] | None = None,
-    ) -> list[Completion]:
-        """See :meth:`SimulationEngine.generate`. All prompts join the engine's running batch at once."""
-        check_sampling(max_tokens, temperature, top_p)
-        seeds = seeds_for(len(prompts), seed)
-        ids = [self.encode(p) for p in prompts]
-        outs = await asyncio.gather(
-            *(
-                self.engine.generate(
-                    x, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=tuple(stop), seed=s
-                )
-                for x, s in zip(ids, seeds, strict=True)
-            )
+    async def complete(
+        self, prompt: Prompt, sampling: SamplingParams, stop: tuple[str, ...], seed: int | None
+    ) -> Completion:
+        """See :meth:`SimulationEngine.complete`. Concurrent prompts join the engine's running batch."""
+        out = await self.engine.generate(
+            self.encode(prompt),
+            max_new_tokens=sampling.max_new_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            stop=stop,
+            seed=seed,
         )
-        completions = []
-        for out in outs:
-            text, hit = cut_at_stop(out.text, stop)
-            reason = "length" if out.finish_reason == "length" and not hit else "stop"
-            completions.append(Completion(text=text, tokens=len(out.token_ids), finish_reason=reason))
-        return completions
+        text, hit = cut_at_stop(out.text, stop)
+        reason = "length" if out.finish_reason == "length" and not hit else "stop"
+        return Completion(text=text, tokens=len(out.token_ids), finish_reason=reason)
 
     async def close(self) -> None:
         """Stops the engine's worker thread."""
@@ -249,7 +232,7 @@ class TransformersSimulationEngine:
 
 
 # --------------------------------------------------------------------------------------------------- vLLM (GPU)
-class VLLMSimulationEngine:
+class VLLMSimulationEngine(SimulationEngine):
     """GPU simulation with an in-process vLLM ``AsyncLLM`` (v1 engine; ``AsyncLLMEngine`` on older vLLM).
 
     ``AsyncLLM.from_engine_args(AsyncEngineArgs(model=..., **engine_kwargs))``; each prompt is one
@@ -266,7 +249,7 @@ class VLLMSimulationEngine:
     name = "vllm"
 
     def __init__(self, model: str, *, engine_kwargs: Mapping[str, Any] | None = None, tokenizer: Any = None) -> None:
-        from vllm import SamplingParams  # lazy: GPU images only
+        from vllm import SamplingParams as VLLMSamplingParams  # lazy: GPU images only
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
@@ -282,13 +265,27 @@ class VLLMSimulationEngine:
             tokenizer = AutoTokenizer.from_pretrained(model)
         self.model = model
         self.tokenizer = tokenizer
-        self._SamplingParams = SamplingParams
+        self._SamplingParams = VLLMSamplingParams
         self._TokensPrompt = TokensPrompt
         self._final_only = RequestOutputKind.FINAL_ONLY
         args = AsyncEngineArgs(model=model, **dict(engine_kwargs or {}))
         self._engine = AsyncLLM.from_engine_args(args)
 
-    async def _one(self, ids: list[int], params: Any) -> Completion:
+    async def complete(
+        self, prompt: Prompt, sampling: SamplingParams, stop: tuple[str, ...], seed: int | None
+    ) -> Completion:
+        """See :meth:`SimulationEngine.complete`: one ``AsyncLLM.generate`` stream, read to its final output."""
+        text = prompt if isinstance(prompt, str) else render_chat(self.tokenizer, prompt)
+        ids = [int(t) for t in self.tokenizer.encode(text, add_special_tokens=False)]
+        params = self._SamplingParams(
+            n=1,
+            max_tokens=sampling.max_new_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            stop=list(stop) or None,
+            seed=seed,
+            output_kind=self._final_only,
+        )
         final = None
         try:
             async for out in self._engine.generate(self._TokensPrompt(prompt_token_ids=ids), params, uuid.uuid4().hex):
@@ -305,57 +302,30 @@ class VLLMSimulationEngine:
         reason = "length" if comp.finish_reason == "length" else "stop"
         return Completion(text=comp.text, tokens=len(comp.token_ids), finish_reason=reason)
 
-    async def generate(
-        self,
-        prompts: Sequence[Prompt],
-        *,
-        max_tokens: int,
-        temperature: float = 0.7,
-        top_p: float = 0.95,
-        stop: Sequence[str] = (),
-        seed: int | Sequence[int] | None = None,
-    ) -> list[Completion]:
-        """See :meth:`SimulationEngine.generate`."""
-        check_sampling(max_tokens, temperature, top_p)
-        seeds = seeds_for(len(prompts), seed)
-        jobs = []
-        for p, s in zip(prompts, seeds, strict=True):
-            text = p if isinstance(p, str) else render_chat(self.tokenizer, p)
-            ids = [int(t) for t in self.tokenizer.encode(text, add_special_tokens=False)]
-            params = self._SamplingParams(
-                n=1,
-                max_tokens=max_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                stop=[x for x in stop if x] or None,
-                seed=s,
-                output_kind=self._final_only,
-            )
-            jobs.append(self._one(ids, params))
-        return list(await asyncio.gather(*jobs))
-
     async def close(self) -> None:
         """Shuts the engine core down."""
         self._engine.shutdown()
 
 
 # --------------------------------------------------------------------------------------------------- OpenAI-compatible
-class OpenAISimulationEngine:
-    """Simulation through OpenAI-compatible servers (vLLM ``vllm serve``, SGLang ``launch_server``) with httpx.
+class OpenAISimulationEngine(SimulationEngine):
+    """Simulation through OpenAI-compatible servers (vLLM ``vllm serve``, SGLang ``launch_server``) with the ``openai`` SDK.
 
     Chat prompts go to ``POST {base}/v1/chat/completions``; a final assistant message is continued with
     ``continue_final_message: true`` and ``add_generation_prompt: false`` (vLLM and SGLang extensions). Text prompts go
     to ``POST {base}/v1/completions``. One HTTP request per prompt; the server batches concurrent requests.
 
     Args:
-        base_urls: server base URLs (``http://sim-0:8000``); requests rotate over them (round robin) and a retry goes
-            to the next one.
+        base_urls: server base URLs (``http://sim-0:8000``, with or without ``/v1``); one ``openai.AsyncOpenAI`` client
+            each, and requests rotate over them (round robin).
         model: the served model name (the ``model`` field of each request).
-        api_key: bearer token for the servers (never logged); empty for none.
-        timeout_s: read timeout of one request, in seconds; exceeding it raises :class:`DeadlineExceeded`.
+        api_key: bearer token for the servers (never logged); empty for none (the SDK then sends ``EMPTY``).
+        timeout_s: read timeout of one attempt, in seconds; a server that exceeds it on every attempt raises
+            :class:`DeadlineExceeded`.
         connect_timeout_s: TCP connect timeout, in seconds.
-        max_attempts: attempts per prompt on connection errors, 429 and 5xx (>= 1), with exponential backoff.
-        backoff_s: first backoff, in seconds (doubles per attempt, with jitter).
+        max_attempts: attempts per prompt (>= 1): the SDK retries connection errors, timeouts, 408, 409, 429 and 5xx
+            on the same server with exponential backoff and jitter (0.5 s doubling up to 8 s, or the server's
+            ``Retry-After``).
         max_concurrency: requests in flight at once, over all servers.
 
     Raises:
@@ -373,123 +343,33 @@ class OpenAISimulationEngine:
         timeout_s: float = 120.0,
         connect_timeout_s: float = 5.0,
         max_attempts: int = 3,
-        backoff_s: float = 0.2,
         max_concurrency: int = 64,
     ) -> None:
-        import httpx
+        import openai
 
         urls = [u.strip().rstrip("/") for u in base_urls if u.strip()]
         if not urls:
             raise InvalidRequest("the openai engine needs at least one base URL (--openai-base-urls)")
-        self.base_urls = [u[: -len("/v1")] if u.endswith("/v1") else u for u in urls]
+        self.base_urls = [u.removesuffix("/v1") for u in urls]
         self.model = model
         self.max_attempts = max(1, int(max_attempts))
-        self.backoff_s = max(0.0, backoff_s)
-        self._rr = itertools.cycle(range(len(self.base_urls)))
+        self._openai = openai
+        self._clients = [
+            openai.AsyncOpenAI(
+                base_url=f"{u}/v1",
+                api_key=api_key or "EMPTY",
+                max_retries=self.max_attempts - 1,
+                timeout=openai.Timeout(timeout_s, connect=connect_timeout_s),
+            )
+            for u in self.base_urls
+        ]
+        self._rr = itertools.cycle(range(len(self._clients)))
         self._sem = asyncio.Semaphore(max(1, max_concurrency))
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
-            headers=headers,
-            limits=httpx.Limits(
-                max_connections=max(1, max_concurrency), max_keepalive_connections=max(1, max_concurrency)
-            ),
-        )
-        self._httpx = httpx
 
-    def _payload(
-        self, prompt: Prompt, max_tokens: int, temperature: float, top_p: float, stop: Sequence[str], seed: int | None
-    ) -> tuple[str, dict[str, Any]]:
-        body: dict[str, Any] = {
-            "model": self.model,
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-            "top_p": top_p,
-            "n": 1,
-        }
-        stops = [s for s in stop if s]
-        if stops:
-            body["stop"] = stops
-        if seed is not None:
-            body["seed"] = int(seed)
-        if isinstance(prompt, str):
-            body["prompt"] = prompt
-            return "/v1/completions", body
-        messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in prompt]
-        if not messages:
-            raise InvalidRequest("a chat prompt needs at least one message")
-        body["messages"] = messages
-        if continues_assistant(messages):
-            body["continue_final_message"] = True
-            body["add_generation_prompt"] = False
-        return "/v1/chat/completions", body
-
-    async def _post(self, route: str, body: dict[str, Any]) -> dict[str, Any]:
-        httpx = self._httpx
-        last = ""
-        for attempt in range(self.max_attempts):
-            base = self.base_urls[next(self._rr)]
-            url = base + route
-            try:
-                async with self._sem:
-                    resp = await self._http.post(url, json=body)
-            except httpx.TimeoutException as exc:
-                if isinstance(exc, httpx.ConnectTimeout):
-                    last = f"{base}: connect timeout"
-                else:
-                    raise DeadlineExceeded(f"simulation engine {base} did not answer within the timeout") from exc
-            except httpx.TransportError as exc:  # connection refused / reset, DNS ...
-                last = f"{base}: {type(exc).__name__}: {exc}"
-            else:
-                if resp.status_code == 429 or resp.status_code >= 500:
-                    last = f"{base}: HTTP {resp.status_code}: {resp.text[:200]}"
-                elif resp.status_code == 400:
-                    raise InvalidRequest(f"simulation engine rejected the request: {resp.text[:300]}")
-                elif resp.status_code >= 400:
-                    raise FailedPrecondition(
-                        f"simulation engine {base} answered HTTP {resp.status_code}: {resp.text[:200]}"
-                    )
-                else:
-                    try:
-                        data = resp.json()
-                    except ValueError as exc:
-                        raise Unavailable(f"simulation engine {base} sent a body that is not JSON") from exc
-                    if not isinstance(data, dict) or not data.get("choices"):
-                        raise Unavailable(f"simulation engine {base} sent a reply without choices")
-                    return data
-            if attempt + 1 < self.max_attempts:
-                delay = self.backoff_s * (2**attempt) * (0.5 + random.random())
-                log.warning("simulation engine call failed (%s); retrying in %.2fs", last, delay)
-                await asyncio.sleep(delay)
-        raise Unavailable(f"simulation engine unavailable after {self.max_attempts} attempts; last error: {last}")
-
-    async def _one(
-        self, prompt: Prompt, max_tokens: int, temperature: float, top_p: float, stop: Sequence[str], seed: int | None
+    async def complete(
+        self, prompt: Prompt, sampling: SamplingParams, stop: tuple[str, ...], seed: int | None
     ) -> Completion:
-        route, body = self._payload(prompt, max_tokens, temperature, top_p, stop, seed)
-        data = await self._post(route, body)
-        choice = data["choices"][0]
-        if route.endswith("/chat/completions"):
-            text = str((choice.get("message") or {}).get("content") or "")
-        else:
-            text = str(choice.get("text") or "")
-        text, _ = cut_at_stop(text, stop)  # servers already exclude the stop string; a no-op then
-        usage = data.get("usage") or {}
-        tokens = int(usage.get("completion_tokens") or 0)
-        reason = "length" if choice.get("finish_reason") == "length" else "stop"
-        return Completion(text=text, tokens=tokens, finish_reason=reason)
-
-    async def generate(
-        self,
-        prompts: Sequence[Prompt],
-        *,
-        max_tokens: int,
-        temperature: float = 0.7,
-        top_p: float = 0.95,
-        stop: Sequence[str] = (),
-        seed: int | Sequence[int] | None = None,
-    ) -> list[Completion]:
-        """See :meth:`SimulationEngine.generate`.
+        """See :meth:`SimulationEngine.complete`.
 
         Raises:
             Unavailable: every attempt failed with a connection error, 429 or 5xx, or the reply was malformed.
@@ -497,17 +377,59 @@ class OpenAISimulationEngine:
             InvalidRequest: a server answered 400.
             FailedPrecondition: a server answered another 4xx (wrong model name, bad API key ...).
         """
-        check_sampling(max_tokens, temperature, top_p)
-        seeds = seeds_for(len(prompts), seed)
-        return list(
-            await asyncio.gather(
-                *(self._one(p, max_tokens, temperature, top_p, stop, s) for p, s in zip(prompts, seeds, strict=True))
-            )
-        )
+        openai, i = self._openai, next(self._rr)
+        client, base = self._clients[i], self.base_urls[i]
+        body: dict[str, Any] = {
+            "model": self.model,
+            "max_tokens": sampling.max_new_tokens,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "n": 1,
+        }
+        if stop:
+            body["stop"] = list(stop)
+        if seed is not None:
+            body["seed"] = int(seed)
+        lost = f"simulation engine unavailable after {self.max_attempts} attempts; last error: {base}"
+        try:
+            async with self._sem:
+                if isinstance(prompt, str):
+                    reply: Any = await client.completions.create(prompt=prompt, **body)
+                else:
+                    messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in prompt]
+                    if not messages:
+                        raise InvalidRequest("a chat prompt needs at least one message")
+                    extra = {"continue_final_message": True, "add_generation_prompt": False}
+                    reply = await client.chat.completions.create(
+                        messages=messages, extra_body=extra if continues_assistant(messages) else None, **body
+                    )
+        except openai.APITimeoutError as exc:
+            if type(exc.__cause__).__name__ == "ConnectTimeout":
+                raise Unavailable(f"{lost}: connect timeout") from exc
+            raise DeadlineExceeded(f"simulation engine {base} did not answer within the timeout") from exc
+        except openai.APIConnectionError as exc:  # connection refused / reset, DNS ...
+            raise Unavailable(f"{lost}: {type(exc.__cause__ or exc).__name__}: {exc.__cause__ or exc}") from exc
+        except openai.APIStatusError as exc:
+            code, text = exc.status_code, str(exc.message)[:300]
+            if code == 400:
+                raise InvalidRequest(f"simulation engine rejected the request: {text}") from exc
+            if code in (408, 409, 429) or code >= 500:
+                raise Unavailable(f"{lost}: HTTP {code}: {text}") from exc
+            raise FailedPrecondition(f"simulation engine {base} answered HTTP {code}: {text}") from exc
+        except openai.APIError as exc:  # a body that is not a completion
+            raise Unavailable(f"simulation engine {base} sent a malformed reply: {exc}") from exc
+        if not getattr(reply, "choices", None):
+            raise Unavailable(f"simulation engine {base} sent a reply without choices")
+        choice = reply.choices[0]
+        text = (choice.text if isinstance(prompt, str) else choice.message.content) or ""
+        text, _ = cut_at_stop(text, stop)  # servers already exclude the stop string; a no-op then
+        tokens = int(reply.usage.completion_tokens or 0) if reply.usage else 0
+        reason = "length" if choice.finish_reason == "length" else "stop"
+        return Completion(text=text, tokens=tokens, finish_reason=reason)
 
     async def close(self) -> None:
-        """Closes the HTTP connection pool."""
-        await self._http.aclose()
+        """Closes the HTTP connection pools."""
+        await asyncio.gather(*(c.close() for c in self._clients))
 
 
 def make_engine(

@@ -27,7 +27,6 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import Counter as PromCounter
@@ -65,9 +64,8 @@ _PROTO_QUALITY = {
 _QUALITY_OF = {v: k for k, v in _PROTO_QUALITY.items()}
 
 
-@dataclass
 class SimulatorConfig(ServerConfig):
-    """Settings of ``searchrl serve simulator`` (flags ``--top-k`` ..., env ``SEARCHRL_TOP_K`` ...)."""
+    """Settings of ``searchrl serve simulator`` (flags ``--top-k`` ..., env ``SEARCHRL_SIMULATOR_TOP_K`` ...)."""
 
     grpc_port: int = field(50053, help="gRPC port; 0 picks a free port.")
     metrics_port: int = field(9093, help="Prometheus /metrics HTTP port; 0 picks a free port, -1 disables.")

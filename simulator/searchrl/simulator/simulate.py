@@ -171,7 +171,7 @@ class DocumentSimulator:
             started = time.perf_counter()
             completions = await self.engine.generate(
                 prompts,
-                max_tokens=budget,
+                max_new_tokens=budget,
                 temperature=self.temperature,
                 top_p=self.top_p,
                 stop=stops,

@@ -11,14 +11,20 @@ the learning rate (a 135M model moves visibly in a few steps only with ~1e-5).
 
 from __future__ import annotations
 
+import inspect
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from searchrl.agent.settings import AgentSettings
 from searchrl.errors import InvalidRequest
+from searchrl.tracking import resolve_tracking_uri
 
 #: The local trainer's recipe YAMLs (``local_demo.yaml``, ...), shipped inside the package.
 RECIPES_DIR = Path(__file__).resolve().parent / "configs"
@@ -65,28 +71,6 @@ class DataConfig(_Strict):
     shuffle: bool = Field(True, description="Reshuffle the questions every epoch with a seed derived from 'seed'.")
 
 
-class AgentConfig(_Strict):
-    """The ReSearch agent loop (mirrors ``searchrl.agent.loop.AgentLoopConfig``)."""
-
-    template: Literal["research_instruct", "research_base"] = Field(
-        "research_instruct", description="Prompt form: system prompt through the chat template, or plain base text."
-    )
-    protocol: Literal["research", "search_r1"] = Field(
-        "research", description="Observation tags: <result> (ReSearch) or <information> (Search-R1/ZeroSearch)."
-    )
-    max_turns: int = Field(4, ge=1, description="Assistant turns per episode (anchors: 2-5).")
-    max_response_tokens: int = Field(1024, ge=8, description="Token budget of a whole response (sampled + inserted).")
-    max_new_tokens_per_turn: int = Field(256, ge=1, description="Tokens the policy may sample in one turn.")
-    top_k: int = Field(3, ge=1, description="Documents per search (ReSearch/ZeroSearch 5, Search-R1 3).")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature of rollouts.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold of rollouts.")
-    response_prefix: str = Field(
-        "<think>", description="Text written at the start of every response (loss mask 0) to steer small models."
-    )
-    max_doc_chars: int = Field(0, ge=0, description="Cut each inserted document to this many characters (0: no limit).")
-    max_prompt_tokens: int = Field(0, ge=0, description="Reject prompts longer than this (0: the model's context).")
-
-
 class SearchConfig(_Strict):
     """Where the agent's searches go."""
 
@@ -101,13 +85,15 @@ class SearchConfig(_Strict):
     )
     retriever_target: str = Field("127.0.0.1:50052", description="gRPC target of the RetrievalService.")
     simulator_target: str = Field("127.0.0.1:50053", description="gRPC target of the SimulatedSearchService.")
-    mixed_ratio: float = Field(
+    mix_ratio: float = Field(
         0.5,
         ge=0,
         le=1,
         description="With backend=mixed: share of searches sent to the retriever (the rest: simulator).",
     )
-    timeout_s: float = Field(30.0, gt=0, description="Deadline of one search call, seconds.")
+    timeout_s: float = Field(
+        30.0, gt=0, description="Deadline of one search call, seconds (sets rollout.agent.search_timeout_s)."
+    )
     curriculum_total_steps: int | None = Field(
         None, ge=1, description="Steps over which the simulator's noise curriculum runs (default: trainer.max_steps)."
     )
@@ -116,7 +102,9 @@ class SearchConfig(_Strict):
 class RolloutConfig(_Strict):
     """How episodes are generated."""
 
-    agent: AgentConfig = Field(default_factory=AgentConfig, description="Agent-loop settings.")
+    agent: AgentSettings = Field(
+        default_factory=AgentSettings, description="Agent-loop settings (searchrl.agent.settings.AgentSettings)."
+    )
     search: SearchConfig = Field(default_factory=SearchConfig, description="Search backend settings.")
     engine: Literal["inprocess", "remote"] = Field(
         "inprocess",
@@ -203,7 +191,9 @@ class LoggingConfig(_Strict):
     """MLflow and Prometheus."""
 
     mlflow_tracking_uri: str | None = Field(
-        None, description="MLflow tracking URI; default a local sqlite store 'sqlite:///<output_dir>/mlflow.db'."
+        None,
+        description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else a local sqlite store "
+        "'sqlite:///<output_dir>/mlflow.db'.",
     )
     experiment: str = Field("searchrl-grpo", description="MLflow experiment name.")
     run_name: str | None = Field(None, description="MLflow run name (default: the output folder's name).")
@@ -320,10 +310,9 @@ class TrainConfig(_Strict):
 
     @property
     def tracking_uri(self) -> str:
-        """The MLflow tracking URI (a sqlite store in the run folder unless configured)."""
-        if self.logging.mlflow_tracking_uri:
-            return self.logging.mlflow_tracking_uri
-        return f"sqlite:///{(self.output_path / 'mlflow.db').resolve()}"
+        """The MLflow tracking URI: ``logging.mlflow_tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else a sqlite store
+        in the run folder (:func:`searchrl.tracking.resolve_tracking_uri`)."""
+        return resolve_tracking_uri(self.output_path, self.logging.mlflow_tracking_uri)
 
     @property
     def curriculum_total_steps(self) -> int:
@@ -335,31 +324,24 @@ class TrainConfig(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for k in keys[:-1]:
-        nxt = node.get(k)
-        if nxt is None:
-            nxt = node[k] = {}
-        if not isinstance(nxt, dict):
-            raise InvalidRequest(f"override {dotted!r}: {k!r} is not a section")
-        node = nxt
-    node[keys[-1]] = value
-
-
 def apply_overrides(tree: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Applies ``key.sub=value`` overrides (value parsed as YAML: ``1e-5``, ``[a, b]``, ``true``) to a raw tree.
+    """``tree`` with ``key.sub=value`` overrides merged in (OmegaConf dot-list; the value is parsed as YAML: ``1e-5``,
+    ``[a, b]``, ``true``; an empty value is the empty string).
 
     Raises:
-        InvalidRequest: an override without ``=``.
+        InvalidRequest: an override without ``=``, or one that cannot be merged (e.g. a key inside a list).
     """
+    dotlist = []
     for item in overrides:
         key, eq, raw = item.partition("=")
         if not eq or not key.strip():
             raise InvalidRequest(f"override {item!r} must look like key.sub=value")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
-    return tree
+        dotlist.append(f"{key.strip()}={raw if raw.strip() else repr('')}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.create(tree), OmegaConf.from_dotlist(dotlist))
+    except OmegaConfBaseException as exc:
+        raise InvalidRequest(f"cannot apply overrides {list(overrides)}: {exc}") from None
+    return OmegaConf.to_container(merged)  # type: ignore[return-value]
 
 
 def _format_errors(exc: ValidationError) -> str:
@@ -401,8 +383,20 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return config_from_dict(apply_overrides(tree, overrides))
 
 
+def _attribute_docs(model: type[BaseModel]) -> dict[str, str]:
+    """``name -> text`` from the ``Attributes:`` section of a model's docstring (``a, b: text`` documents both)."""
+    docs: dict[str, str] = {}
+    section = (inspect.getdoc(model) or "").partition("Attributes:")[2]
+    for m in re.finditer(r"^    ([\w, /]+): (.+(?:\n {8}.+)*)", section, flags=re.M):
+        for name in re.split(r"[, /]+", m.group(1)):
+            docs[name] = " ".join(m.group(2).split())
+    return docs
+
+
 def describe_fields(model: type[BaseModel] = TrainConfig, prefix: str = "") -> Iterator[tuple[str, str, str]]:
-    """Yields ``(dotted name, default, description)`` for every leaf field (for ``--help-config`` and docs)."""
+    """Yields ``(dotted name, default, description)`` for every leaf field (for ``--help-config`` and docs); a field
+    without a ``description`` is described by its model's ``Attributes:`` docstring section."""
+    docs = _attribute_docs(model)
     for name, info in model.model_fields.items():
         ann = info.annotation
         dotted = f"{prefix}{name}"
@@ -410,4 +404,4 @@ def describe_fields(model: type[BaseModel] = TrainConfig, prefix: str = "") -> I
             yield from describe_fields(ann, dotted + ".")
             continue
         default = info.default_factory() if info.default_factory is not None else info.default  # type: ignore[call-arg]
-        yield dotted, repr(default), info.description or ""
+        yield dotted, repr(default), info.description or docs.get(name, "")

@@ -25,15 +25,19 @@ The local trainer reads the same parquet (or any source spec directly) through :
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from searchrl.agent.prompts import instruct_messages
+from searchrl.data.datasets import FANOUTQA, FANOUTQA_SUB, Example, load_dataset
 from searchrl.errors import InvalidRequest
+from searchrl.reward.verl_reward import row_golden_answers
 
 AGENT_NAME = "searchrl_research"
 """The verl agent loop that runs our ReSearch protocol (registered by ``searchrl.trainer.verl_plugins``)."""
@@ -42,28 +46,11 @@ TOOL_NAME = "search"
 ABILITY = "fact-reasoning"
 
 
-@dataclass(frozen=True)
-class QAExample:
-    """One training question.
-
-    Attributes:
-        id: row id, unique within its source.
-        question: the question text.
-        golden_answers: accepted answers (non-empty strings).
-        source: dataset name (becomes ``data_source``).
-    """
-
-    id: str
-    question: str
-    golden_answers: tuple[str, ...]
-    source: str
-
-
 def _is_scalar(answer: Any) -> bool:
     return answer is not None and not isinstance(answer, (list, dict))
 
 
-def load_source(spec: str, *, limit: int | None = None) -> list[QAExample]:
+def load_source(spec: str, *, limit: int | None = None) -> list[Example]:
     """Loads the examples of one source spec (see the module docstring).
 
     Args:
@@ -78,15 +65,13 @@ def load_source(spec: str, *, limit: int | None = None) -> list[QAExample]:
     if spec.endswith(".parquet"):
         rows = read_parquet_examples(spec)
         return rows[:limit] if limit else rows
-    from searchrl.data.datasets import FANOUTQA, FANOUTQA_SUB, load_dataset
-
     ds = load_dataset(spec)
     name = ds.name.replace("-", "_")
-    out: list[QAExample] = []
+    out: list[Example] = []
     for ex in ds.examples:
         if spec in (FANOUTQA, FANOUTQA_SUB) and not _is_scalar(ex.metadata.get("answer")):
             continue
-        out.append(QAExample(id=ex.id, question=ex.question, golden_answers=tuple(ex.golden_answers), source=name))
+        out.append(dataclasses.replace(ex, source=name))
         if limit and len(out) >= limit:
             break
     if not out:
@@ -94,7 +79,7 @@ def load_source(spec: str, *, limit: int | None = None) -> list[QAExample]:
     return out
 
 
-def read_parquet_examples(path: str | Path) -> list[QAExample]:
+def read_parquet_examples(path: str | Path) -> list[Example]:
     """Reads the questions back from a parquet written by :func:`prepare` (or any verl RL parquet with
     ``reward_model.ground_truth`` and ``extra_info.question``).
 
@@ -107,25 +92,19 @@ def read_parquet_examples(path: str | Path) -> list[QAExample]:
     if not p.is_file():
         raise InvalidRequest(f"parquet file not found: {p}")
     table = pq.read_table(p)
-    out: list[QAExample] = []
+    out: list[Example] = []
     for i, row in enumerate(table.to_pylist()):
         extra = row.get("extra_info") or {}
-        gt = (row.get("reward_model") or {}).get("ground_truth")
-        golds = gt.get("target") if isinstance(gt, dict) else gt
-        if isinstance(golds, str):
-            golds = [golds]
-        question = extra.get("question")
-        if not question:
-            msgs = row.get("prompt") or []
-            question = next((m["content"] for m in reversed(msgs) if m.get("role") == "user"), "")
+        golds = row_golden_answers(row)
+        question = row_question(row)
         if not question or not golds:
             raise InvalidRequest(f"{p} row {i}: needs extra_info.question (or a user message) and ground_truth.target")
         rid = str(extra.get("id") or extra.get("index", i))
         out.append(
-            QAExample(
+            Example(
                 id=rid,
-                question=str(question),
-                golden_answers=tuple(str(g) for g in golds),
+                question=question,
+                golden_answers=tuple(golds),
                 source=str(row.get("data_source", p.stem)),
             )
         )
@@ -134,7 +113,20 @@ def read_parquet_examples(path: str | Path) -> list[QAExample]:
     return out
 
 
-def load_examples(specs: Sequence[str], *, limit: int | None = None) -> list[QAExample]:
+def row_question(row: Mapping[str, Any], messages_key: str = "prompt") -> str:
+    """The question of a verl dataset row (or of the row fields verl passes to an agent loop's ``run``, whose chat
+    messages are under ``raw_prompt``): ``extra_info.question``, else the last user message without a ``Question:``
+    prefix; ``""`` when neither is there."""
+    extra = row.get("extra_info") or {}
+    if extra.get("question"):
+        return str(extra["question"])
+    for msg in reversed(list(row.get(messages_key) or [])):
+        if msg.get("role") == "user":
+            return str(msg.get("content", "")).removeprefix("Question:").strip()
+    return ""
+
+
+def load_examples(specs: Sequence[str], *, limit: int | None = None) -> list[Example]:
     """Concatenates several sources (in order) and drops repeated questions (first one wins).
 
     Args:
@@ -144,7 +136,7 @@ def load_examples(specs: Sequence[str], *, limit: int | None = None) -> list[QAE
     if not specs:
         raise InvalidRequest("no data source given")
     seen: set[str] = set()
-    out: list[QAExample] = []
+    out: list[Example] = []
     for spec in specs:
         for ex in load_source(spec):
             key = " ".join(ex.question.lower().split())
@@ -158,8 +150,8 @@ def load_examples(specs: Sequence[str], *, limit: int | None = None) -> list[QAE
 
 
 def split_examples(
-    examples: Sequence[QAExample], *, val_fraction: float = 0.1, val_size: int | None = None, seed: int = 0
-) -> tuple[list[QAExample], list[QAExample]]:
+    examples: Sequence[Example], *, val_fraction: float = 0.1, val_size: int | None = None, seed: int = 0
+) -> tuple[list[Example], list[Example]]:
     """Shuffles with ``seed`` and splits into ``(train, validation)``.
 
     Args:
@@ -181,27 +173,8 @@ def split_examples(
     return rows[n_val:], rows[:n_val]
 
 
-def prompt_messages(question: str, *, protocol: str = "research") -> list[dict[str, str]]:
-    """The chat messages of the ReSearch instruct prompt for ``question`` (from ``searchrl.agent.prompts``).
-
-    Returns:
-        ``[{"role": "system", "content": ...}, {"role": "user", "content": question}]``.
-    """
-    from searchrl.agent import prompts
-
-    builder = getattr(prompts, "instruct_messages", None)
-    if builder is not None:
-        built: list[dict[str, str]] = builder(question, protocol=protocol)
-        return built
-    # The same messages prompts.render_prompt feeds the chat template for "research_instruct".
-    return [
-        {"role": "system", "content": prompts.system_prompt(protocol)},
-        {"role": "user", "content": f"Question: {question.strip()}"},
-    ]
-
-
 def to_verl_row(
-    ex: QAExample,
+    ex: Example,
     *,
     index: int,
     split: str,
@@ -229,7 +202,7 @@ def to_verl_row(
         extra["scheme"] = scheme
     return {
         "data_source": ex.source,
-        "prompt": prompt_messages(ex.question, protocol=protocol),
+        "prompt": instruct_messages(ex.question, protocol=protocol),
         "ability": ABILITY,
         "reward_model": {"style": "rule", "ground_truth": {"target": golds}},
         "extra_info": extra,
@@ -278,7 +251,7 @@ def prepare(
     examples = load_examples(sources, limit=limit)
     train, val = split_examples(examples, val_fraction=val_fraction, val_size=val_size, seed=seed)
     out = Path(out_dir).expanduser()
-    kw = {"protocol": protocol, "scheme": scheme, "agent_name": agent_name}
+    kw: dict[str, Any] = {"protocol": protocol, "scheme": scheme, "agent_name": agent_name}
     train_path = write_parquet(
         [to_verl_row(e, index=i, split="train", **kw) for i, e in enumerate(train)], out / "train.parquet"
     )

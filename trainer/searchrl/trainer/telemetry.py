@@ -13,25 +13,41 @@ Prometheus metric names are fixed (the chart's PrometheusRule and Grafana dashbo
 ``searchrl_train_guard_tripped{guard}``      1 when the guard tripped on the last step, else 0
 ==========================================  ===========================================================
 
-MLflow: :class:`MlflowRun` talks to the tracking store through an explicit ``MlflowClient`` (no process-global
-``mlflow.set_tracking_uri`` / active run), so several trainers and tests can share a process.
+MLflow runs: :class:`searchrl.tracking.MlflowRun`. :func:`rollout_metrics` computes the ``reward/*`` and ``rollout/*``
+metrics of one step.
 """
 
 from __future__ import annotations
 
-import logging
-import time
-from collections.abc import Mapping
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from searchrl.trainer.guards import GUARDS
 
-log = logging.getLogger(__name__)
-
 PHASES = ("rollout", "reward", "update", "total")
+
+
+#: The scalar gauges: name -> (help text, the step metric it shows).
+SCALARS = {
+    "searchrl_train_reward_mean": ("Mean episode reward of the last step.", "reward/mean"),
+    "searchrl_train_f1_mean": ("Mean answer F1 of the last step.", "reward/f1"),
+    "searchrl_train_searches_per_episode": (
+        "Mean searches per episode of the last step.",
+        "rollout/searches_per_episode",
+    ),
+    "searchrl_train_kl": ("Mean per-token KL to the reference policy of the last step (nats).", "actor/kl"),
+    "searchrl_train_noisy_share": (
+        "Share of the last step's searches answered with noisy simulated documents.",
+        "rollout/noisy_share",
+    ),
+    "searchrl_train_search_failure_ratio": (
+        "Share of the last step's searches that failed or timed out (error observations instead of documents).",
+        "rollout/search_failure_rate",
+    ),
+}
 
 
 class TrainerGauges:
@@ -43,37 +59,16 @@ class TrainerGauges:
     """
 
     def __init__(self, port: int = 0, host: str = "127.0.0.1") -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
+        self.registry = r = CollectorRegistry()
         self.step = Gauge("searchrl_train_step", "Last finished GRPO step.", registry=r)
-        self.reward_mean = Gauge("searchrl_train_reward_mean", "Mean episode reward of the last step.", registry=r)
-        self.f1_mean = Gauge("searchrl_train_f1_mean", "Mean answer F1 of the last step.", registry=r)
-        self.searches = Gauge(
-            "searchrl_train_searches_per_episode", "Mean searches per episode of the last step.", registry=r
-        )
-        self.kl = Gauge(
-            "searchrl_train_kl", "Mean per-token KL to the reference policy of the last step (nats).", registry=r
-        )
-        self.noisy_share = Gauge(
-            "searchrl_train_noisy_share",
-            "Share of the last step's searches answered with noisy simulated documents.",
-            registry=r,
-        )
-        self.search_failure_ratio = Gauge(
-            "searchrl_train_search_failure_ratio",
-            "Share of the last step's searches that failed or timed out (error observations instead of documents).",
-            registry=r,
-        )
+        self.scalars = {key: Gauge(name, doc, registry=r) for name, (doc, key) in SCALARS.items()}
         self.step_seconds = Gauge(
             "searchrl_train_step_seconds", "Seconds of the last step by phase.", ["phase"], registry=r
         )
         self.guard = Gauge(
             "searchrl_train_guard_tripped", "1 when the guard tripped on the last step, else 0.", ["guard"], registry=r
         )
-        for g in GUARDS:
-            self.guard.labels(g).set(0)
-        for p in PHASES:
-            self.step_seconds.labels(p).set(0)
+        self.update(0, {}, {})
         self._server: Any = None
         self.port = 0
         if port:
@@ -81,14 +76,10 @@ class TrainerGauges:
             self.port = int(self._server.server_port)
 
     def update(self, step: int, metrics: Mapping[str, float], tripped: Mapping[str, bool]) -> None:
-        """Sets every gauge from one step's metrics."""
+        """Sets every gauge from one step's metrics (missing ones: 0)."""
         self.step.set(step)
-        self.reward_mean.set(metrics.get("reward/mean", 0.0))
-        self.f1_mean.set(metrics.get("reward/f1", 0.0))
-        self.searches.set(metrics.get("rollout/searches_per_episode", 0.0))
-        self.kl.set(metrics.get("actor/kl", 0.0))
-        self.noisy_share.set(metrics.get("rollout/noisy_share", 0.0))
-        self.search_failure_ratio.set(metrics.get("rollout/search_failure_rate", 0.0))
+        for key, gauge in self.scalars.items():
+            gauge.set(metrics.get(key, 0.0))
         for p in PHASES:
             self.step_seconds.labels(p).set(metrics.get(f"time/{p}_s", 0.0))
         for g in GUARDS:
@@ -108,80 +99,44 @@ class TrainerGauges:
             self._server = None
 
 
-def _mlflow_key(name: str) -> str:
-    # MLflow keys allow alphanumerics, _ - . / and spaces; keep ours as they are otherwise.
-    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in name)
+def rollout_metrics(episodes: Sequence[Any], scores: Sequence[Any]) -> dict[str, float]:
+    """The ``reward/*`` and ``rollout/*`` metrics of one step's :class:`~searchrl.agent.loop.Episode` list and their
+    :class:`~searchrl.reward.scoring.ScoreResult` list (same order); groups are keyed by ``question_id``."""
+    from searchrl.rollout.v1 import rollout_pb2
 
-
-class MlflowRun:
-    """One MLflow run of a training job (created, or re-opened on resume).
-
-    Args:
-        tracking_uri: MLflow tracking URI (``sqlite:///...``, ``file:...``, ``http://mlflow:5000``).
-        experiment: experiment name (created when missing).
-        run_name: run name for a new run.
-        run_id: re-open this run (resume) instead of creating one.
-        tags: tags of a new run.
-    """
-
-    def __init__(
-        self,
-        tracking_uri: str,
-        experiment: str,
-        run_name: str | None = None,
-        run_id: str | None = None,
-        tags: Mapping[str, str] | None = None,
-    ) -> None:
-        from mlflow.tracking import MlflowClient
-
-        self.client = MlflowClient(tracking_uri=tracking_uri)
-        self.tracking_uri = tracking_uri
-        if run_id:
-            try:
-                self.run_id = self.client.get_run(run_id).info.run_id
-            except Exception as exc:  # noqa: BLE001 - e.g. a checkpoint moved to another tracking store
-                log.warning("MLflow run %s not found in %s (%s): starting a new run", run_id, tracking_uri, exc)
-                run_id = None
-            else:
-                self.client.update_run(self.run_id, status="RUNNING")
-        if not run_id:
-            exp = self.client.get_experiment_by_name(experiment)
-            exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(experiment)
-            run = self.client.create_run(exp_id, run_name=run_name, tags=dict(tags or {}))
-            self.run_id = run.info.run_id
-
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        """Logs parameters (values stringified, MLflow's 6,000-character limit respected)."""
-        from mlflow.entities import Param
-
-        items = [Param(_mlflow_key(k), str(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Logs one step's metrics in one batch call."""
-        from mlflow.entities import Metric
-
-        ts = int(time.time() * 1000)
-        items = [Metric(_mlflow_key(k), float(v), ts, step) for k, v in metrics.items()]
-        for i in range(0, len(items), 500):
-            self.client.log_batch(self.run_id, metrics=items[i : i + 500])
-
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        """Uploads a file or folder; failures are logged, never raised (artifacts are a convenience)."""
-        try:
-            p = Path(path)
-            if p.is_dir():
-                self.client.log_artifacts(self.run_id, str(p), artifact_path)
-            else:
-                self.client.log_artifact(self.run_id, str(p), artifact_path)
-        except Exception as exc:  # noqa: BLE001 - a full artifact store must not stop training
-            log.warning("could not upload %s to MLflow: %s", path, exc)
-
-    def set_tag(self, key: str, value: str) -> None:
-        """Sets a run tag."""
-        self.client.set_tag(self.run_id, key, value)
-
-    def finish(self, status: str = "FINISHED") -> None:
-        """Marks the run ``FINISHED``, ``FAILED`` or ``KILLED``."""
-        self.client.set_terminated(self.run_id, status=status)
+    rewards = [s.reward for s in scores]
+    n = max(len(episodes), 1)
+    searches = [len(ep.searches) for ep in episodes]
+    calls = [s for ep in episodes for s in ep.searches]
+    with_docs = [s for s in calls if s.documents]
+    noisy = [s for s in with_docs if any(d.quality == rollout_pb2.DOCUMENT_QUALITY_NOISY for d in s.documents)]
+    # Groups whose rewards are all equal give zero advantage: no learning signal from them.
+    groups: dict[str, list[float]] = {}
+    for ep, r in zip(episodes, rewards, strict=True):
+        groups.setdefault(ep.question_id, []).append(r)
+    flat = sum(1 for g in groups.values() if len(set(g)) == 1)
+    return {
+        "reward/mean": float(np.mean(rewards)),
+        "reward/std": float(np.std(rewards)),
+        "reward/max": float(np.max(rewards)),
+        "reward/min": float(np.min(rewards)),
+        "reward/f1": float(np.mean([s.f1 for s in scores])),
+        "reward/em": float(np.mean([s.em for s in scores])),
+        "reward/format_rate": float(np.mean([1.0 if s.format_ok else 0.0 for s in scores])),
+        "reward/answer_rate": float(np.mean([1.0 if s.answer else 0.0 for s in scores])),
+        "reward/flat_group_share": flat / max(len(groups), 1),
+        "rollout/searches_per_episode": float(np.mean(searches)),
+        "rollout/search_error_rate": (sum(1 for s in calls if s.error) / len(calls)) if calls else 0.0,
+        # service failures only (errors, timeouts), not the policy's invalid queries: guards.search_failure
+        "rollout/searches": float(sum(s.sent for s in calls)),
+        "rollout/search_failures": float(sum(s.failed for s in calls)),
+        "rollout/search_failure_rate": sum(s.failed for s in calls) / max(sum(s.sent for s in calls), 1),
+        "rollout/search_cache_hit_rate": (sum(1 for s in calls if s.cache_hit) / len(calls)) if calls else 0.0,
+        "rollout/noisy_share": (len(noisy) / len(with_docs)) if with_docs else 0.0,
+        "rollout/response_length": float(np.mean([len(ep.response_ids) for ep in episodes])),
+        "rollout/prompt_length": float(np.mean([len(ep.prompt_ids) for ep in episodes])),
+        "rollout/generated_tokens": float(np.mean([sum(ep.loss_mask) for ep in episodes])),
+        "rollout/turns": float(np.mean([len(ep.turns) for ep in episodes])),
+        "rollout/ended_with_eos": sum(1 for ep in episodes if ep.ended_with_eos) / n,
+        "rollout/episodes": float(len(episodes)),
+    }

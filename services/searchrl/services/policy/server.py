@@ -19,18 +19,24 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter
 
-from searchrl.agent.loop import AgentLoop, AgentLoopConfig, GenerationOutput, TurnRecord
-from searchrl.agent.search import build_search_backend
-from searchrl.client.base import ChannelOptions
+from searchrl.agent.loop import AgentLoop, AgentLoopConfig, Episode, GenerationOutput, SearchBackend, TurnRecord
+from searchrl.agent.search import SearchSpec, build_search_backend
+from searchrl.agent.settings import SamplingParams
+from searchrl.client.base import BaseClient, ChannelOptions
+from searchrl.client.retrieval import RetrievalClient
+from searchrl.client.simulation import SimulatorClient
 from searchrl.errors import InvalidRequest
 from searchrl.policy.v1 import policy_pb2, policy_pb2_grpc
-from searchrl.serving.config import field
-from searchrl.serving.runtime import ServerConfig, ServiceSpec, run_service
+from searchrl.serving.config import ServerConfig, field
+from searchrl.serving.runtime import ServiceSpec, run_service
+
+if TYPE_CHECKING:
+    from searchrl.services.policy.engines import PolicyEngine
+    from searchrl.services.rollouts import RolloutStore
 
 log = logging.getLogger("searchrl.policy")
 
@@ -43,9 +49,8 @@ EPISODES = Counter("searchrl_policy_episodes_total", "Rollout episodes finished,
 SEARCH_BACKENDS = ("retriever", "simulator", "mixed", "none")
 
 
-@dataclass
 class PolicyConfig(ServerConfig):
-    """Settings of ``searchrl serve policy`` (flags ``--max-turns`` ..., env ``SEARCHRL_MAX_TURNS`` ...)."""
+    """Settings of ``searchrl serve policy`` (flags ``--max-turns`` ..., env ``SEARCHRL_POLICY_MAX_TURNS`` ...)."""
 
     grpc_port: int = field(50054, help="gRPC port; 0 picks a free port.")
     metrics_port: int = field(9094, help="Prometheus /metrics HTTP port; 0 picks a free port, -1 disables.")
@@ -96,7 +101,7 @@ class PolicyConfig(ServerConfig):
     reward_scheme: str = field("research", help="Reward scheme of Rollout trajectories (see searchrl.reward.scoring).")
 
 
-def build_engine(config: PolicyConfig) -> Any:
+def build_engine(config: PolicyConfig) -> PolicyEngine:
     """The engine named by ``config.engine``. Call it for ``sglang`` on the serving event loop (see
     :class:`~searchrl.services.policy.engines.SGLangEngine`), for ``transformers`` anywhere.
 
@@ -129,15 +134,19 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     """Implements ``PolicyService`` over one engine and a set of search backends.
 
     Args:
-        engine: a :class:`~searchrl.agent.loop.GenerationBackend` with ``load_weights``, ``version``,
-            ``max_context_tokens``, ``vocab_size`` and ``eos_token_id`` (both engines of
-            :mod:`searchrl.services.policy.engines`).
+        engine: the engine (either engine of :mod:`searchrl.services.policy.engines`).
         config: the service settings.
         searches: search backends by name (``retriever``, ``simulator``, ``mixed``, ``none``).
-        store: a :class:`searchrl.services.rollout_store.RolloutStore`, or ``None``.
+        store: where finished trajectories are appended, or ``None``.
     """
 
-    def __init__(self, engine: Any, config: PolicyConfig, searches: dict[str, Any], store: Any = None) -> None:
+    def __init__(
+        self,
+        engine: PolicyEngine,
+        config: PolicyConfig,
+        searches: Mapping[str, SearchBackend],
+        store: RolloutStore | None = None,
+    ) -> None:
         self.engine = engine
         self.config = config
         self.searches = searches
@@ -161,32 +170,25 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     @property
     def prompt_limit(self) -> int:
         """Longest prompt accepted, in tokens."""
-        ctx = int(self.engine.max_context_tokens)
+        ctx = self.engine.max_context_tokens
         return min(self.config.max_prompt_tokens, ctx - 1) if self.config.max_prompt_tokens else ctx - 1
 
-    # ------------------------------------------------------------------------------------------ sampling params
-    def _sampling(self, s: policy_pb2.SamplingParams, default_max: int) -> dict[str, Any]:
+    def _sampling(self, s: policy_pb2.SamplingParams, default_max: int) -> SamplingParams:
+        """The message's sampling parameters (unset ones: the defaults of :class:`SamplingParams`).
+
+        Raises:
+            InvalidRequest: ``max_new_tokens`` over the server's limit, a value out of range, bad stop strings.
+        """
         limit = self.config.max_new_tokens
-        if s.max_new_tokens < 0 or s.max_new_tokens > limit:
+        if s.max_new_tokens > limit:
             raise InvalidRequest(f"max_new_tokens must be in [1, {limit}] (0: default), got {s.max_new_tokens}")
-        temperature = s.temperature if s.HasField("temperature") else 1.0
-        top_p = s.top_p if s.HasField("top_p") else 1.0
-        if temperature < 0:
-            raise InvalidRequest(f"temperature must be >= 0, got {temperature}")
-        if not 0 < top_p <= 1:
-            raise InvalidRequest(f"top_p must be in (0, 1], got {top_p}")
-        if s.top_k < 0:
-            raise InvalidRequest(f"top_k must be >= 0, got {s.top_k}")
         if len(s.stop) > 16 or any(len(x) > 256 or not x for x in s.stop):
             raise InvalidRequest("stop: at most 16 non-empty strings of at most 256 characters")
-        return {
-            "max_new_tokens": s.max_new_tokens or min(default_max, limit),
-            "temperature": float(temperature),
-            "top_p": float(top_p),
-            "top_k": int(s.top_k),
-            "stop": list(s.stop),
-            "seed": int(s.seed) if s.seed else None,
-        }
+        return SamplingParams.parse(
+            max_new_tokens=s.max_new_tokens or min(default_max, limit),
+            top_k=s.top_k or -1,
+            **{name: getattr(s, name) for name in ("temperature", "top_p") if s.HasField(name)},
+        )
 
     # ------------------------------------------------------------------------------------------ RPCs
     async def Generate(self, request: policy_pb2.GenerateRequest, context: Any) -> policy_pb2.GenerateResponse:  # noqa: N802
@@ -212,12 +214,13 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         n = request.n or 1
         if not 1 <= n <= self.config.max_n:
             raise InvalidRequest(f"n must be in [1, {self.config.max_n}], got {request.n}")
-        params = self._sampling(request.sampling, self.config.max_new_tokens)
-        seed = params.pop("seed")
-        top_k = params.pop("top_k")
-        extra = {"top_k": top_k} if top_k else {}
+        params = self._sampling(request.sampling, self.config.max_new_tokens).model_dump()
+        seed = request.sampling.seed
         outs: list[GenerationOutput] = await asyncio.gather(
-            *(self.engine.generate(ids, seed=None if seed is None else seed + i, **params, **extra) for i in range(n))
+            *(
+                self.engine.generate(ids, stop=list(request.sampling.stop), seed=seed + i if seed else None, **params)
+                for i in range(n)
+            )
         )
         GENERATED_TOKENS.inc(sum(len(o.token_ids) for o in outs))
         return policy_pb2.GenerateResponse(
@@ -242,27 +245,26 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             raise InvalidRequest(f"top_k must be in [1, 20] (0: default), got {request.top_k}")
         if request.max_turns < 0 or request.max_turns > 32:
             raise InvalidRequest(f"max_turns must be in [1, 32] (0: default), got {request.max_turns}")
-        limit = max(1, int(self.engine.max_context_tokens) - 1)
+        limit = max(1, self.engine.max_context_tokens - 1)
         if request.max_response_tokens < 0 or request.max_response_tokens > limit:
             raise InvalidRequest(
                 f"max_response_tokens must be in [1, {limit}] (0: default), got {request.max_response_tokens}"
             )
         s = self._sampling(request.sampling, cfg.max_new_tokens_per_turn)
         loop_cfg = AgentLoopConfig(
-            template=request.template or cfg.template,
-            protocol=cfg.protocol,
-            max_turns=request.max_turns or cfg.max_turns,
-            max_response_tokens=request.max_response_tokens or cfg.max_response_tokens,
-            max_new_tokens_per_turn=s["max_new_tokens"],
-            top_k=request.top_k or cfg.top_k,
-            temperature=s["temperature"],
-            top_p=s["top_p"],
-            response_prefix=cfg.response_prefix,
-            search_timeout_s=cfg.search_timeout_s,
-            max_doc_chars=cfg.max_doc_chars,
-            max_prompt_tokens=self.prompt_limit,
+            **{
+                **cfg.model_dump(include=set(AgentLoopConfig.model_fields)),  # the server's defaults
+                "template": request.template or cfg.template,
+                "max_turns": request.max_turns or cfg.max_turns,
+                "max_response_tokens": request.max_response_tokens or cfg.max_response_tokens,
+                "top_k": request.top_k or cfg.top_k,
+                "max_new_tokens_per_turn": s.max_new_tokens,
+                "temperature": s.temperature,
+                "top_p": s.top_p,
+                "max_prompt_tokens": self.prompt_limit,
+            }
         )
-        return AgentLoop(self.engine, self.searches[backend], loop_cfg), s["seed"]
+        return AgentLoop(self.engine, self.searches[backend], loop_cfg), request.sampling.seed or None
 
     async def Rollout(
         self, request: policy_pb2.RolloutRequest, context: Any
@@ -283,7 +285,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         async def on_turn(turn: TurnRecord) -> None:
             await turns.put(turn)
 
-        async def run() -> Any:
+        async def run() -> Episode:
             try:
                 return await loop.run(
                     request.question,
@@ -338,9 +340,9 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             model=e.model_name,
             engine=e.engine_name,
             policy_version=e.version,
-            vocab_size=int(e.vocab_size),
-            eos_token_id=int(e.eos_token_id),
-            max_context_tokens=int(e.max_context_tokens),
+            vocab_size=e.vocab_size,
+            eos_token_id=e.eos_token_id,
+            max_context_tokens=e.max_context_tokens,
         )
 
     async def LoadWeights(self, request: policy_pb2.LoadWeightsRequest, context: Any) -> policy_pb2.LoadWeightsResponse:  # noqa: N802
@@ -356,10 +358,10 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         return policy_pb2.LoadWeightsResponse(policy_version=version, load_ms=(time.perf_counter() - t0) * 1000)
 
 
-class SearchBackends(dict[str, Any]):
+class SearchBackends(dict[str, SearchBackend]):
     """Search backends by name, plus the clients (channels) they share; :meth:`close` closes both."""
 
-    def __init__(self, backends: dict[str, Any], clients: Sequence[Any] = ()) -> None:
+    def __init__(self, backends: dict[str, SearchBackend], clients: Sequence[BaseClient] = ()) -> None:
         super().__init__(backends)
         self.clients = list(clients)
 
@@ -389,47 +391,31 @@ def search_channel_options(config: PolicyConfig, environ: Mapping[str, str] | No
 
 
 def build_searches(config: PolicyConfig, environ: Mapping[str, str] | None = None) -> SearchBackends:
-    """Search backends available on this server, by name (``none`` always), over channels with the TLS/token settings
-    of :func:`search_channel_options`.
+    """Search backends available on this server, by name (``none`` always; ``mixed`` with both targets), built by
+    :func:`~searchrl.agent.search.build_search_backend` over one shared channel per target, with the TLS/token
+    settings of :func:`search_channel_options`.
 
     Raises:
         InvalidRequest: as :func:`search_channel_options`.
     """
-    from searchrl.agent.search import MixedSearch, RetrieverSearch, SimulatorSearch
-    from searchrl.client.retrieval import RetrievalClient
-    from searchrl.client.simulation import SimulatorClient
-
-    out: dict[str, Any] = {"none": build_search_backend("none")}
-    clients: list[Any] = []
-    retriever = simulator = None
-    if config.retriever_target or config.simulator_target:
-        opts = search_channel_options(config, environ)
-        if config.retriever_target:
-            retriever = RetrievalClient(config.retriever_target, opts)
-            clients.append(retriever)
-            out["retriever"] = RetrieverSearch(retriever, timeout_s=config.search_timeout_s)
-        if config.simulator_target:
-            simulator = SimulatorClient(config.simulator_target, opts)
-            clients.append(simulator)
-            # An LLM simulator answers in seconds: at least 60 s (as build_search_backend does).
-            out["simulator"] = SimulatorSearch(
-                simulator, training=config.simulator_training, timeout_s=max(config.search_timeout_s, 60.0)
-            )
-        if retriever is not None and simulator is not None:
-            out["mixed"] = MixedSearch(
-                RetrieverSearch(retriever, timeout_s=config.search_timeout_s),
-                SimulatorSearch(
-                    simulator, training=config.simulator_training, timeout_s=max(config.search_timeout_s, 60.0)
-                ),
-                ratio=config.mix_ratio,
-            )
-    return SearchBackends(out, clients)
+    opts = search_channel_options(config, environ) if config.retriever_target or config.simulator_target else None
+    retriever = RetrievalClient(config.retriever_target, opts) if config.retriever_target else None
+    simulator = SimulatorClient(config.simulator_target, opts) if config.simulator_target else None
+    spec = SearchSpec(
+        retriever_target=retriever or "",
+        simulator_target=simulator or "",
+        mix_ratio=config.mix_ratio,
+        training=config.simulator_training,
+        timeout_s=config.search_timeout_s,
+        kind="none",
+    )
+    kinds = {"none": True, "retriever": retriever, "simulator": simulator, "mixed": retriever and simulator}
+    backends = {kind: build_search_backend(spec.model_copy(update={"kind": kind})) for kind, on in kinds.items() if on}
+    return SearchBackends(backends, [c for c in (retriever, simulator) if c is not None])
 
 
 async def build(config: PolicyConfig) -> tuple[list[ServiceSpec], Any]:
     """Builds the engine, search backends, rollout store and servicer (the runtime's ``build`` hook)."""
-    if config.engine not in ("transformers", "sglang"):
-        raise InvalidRequest(f"unknown engine {config.engine!r}; expected transformers or sglang")
     if config.engine == "sglang":
         # On the serving loop itself: sglang.Engine captures the running loop at construction, and its tokenizer
         # manager resolves futures on it only. This blocks the loop while the model loads, before the gRPC server
@@ -440,7 +426,7 @@ async def build(config: PolicyConfig) -> tuple[list[ServiceSpec], Any]:
     searches = build_searches(config)
     store = None
     if config.redis_url:
-        from searchrl.services.rollout_store import RolloutStore
+        from searchrl.services.rollouts import RolloutStore
 
         store = RolloutStore(config.redis_url, password=config.redis_password or None)
     servicer = PolicyServicer(engine, config, searches, store)

@@ -15,7 +15,6 @@ import logging
 import threading
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any
 
@@ -124,9 +123,8 @@ REWARD_VALUE = BatchHistogram(
 )
 
 
-@dataclass
 class RewardConfig(ServerConfig):
-    """Settings of ``searchrl serve reward`` (flags ``--max-batch-size`` ..., env ``SEARCHRL_MAX_BATCH_SIZE`` ...)."""
+    """Settings of ``searchrl serve reward`` (``--max-batch-size`` ..., env ``SEARCHRL_REWARD_MAX_BATCH_SIZE`` ...)."""
 
     grpc_port: int = field(50051, help="gRPC port; 0 picks a free port.")
     metrics_port: int = field(9091, help="Prometheus /metrics HTTP port; 0 picks a free port, -1 disables.")

@@ -24,14 +24,16 @@ from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopMetr
 
 from searchrl.agent.loop import (
     AgentLoop,
-    AgentLoopConfig,
     Episode,
     GenerationOutput,
     SearchContext,
     SearchOutcome,
 )
 from searchrl.agent.prompts import render_prompt
-from searchrl.agent.search import NoSearch, build_search_backend
+from searchrl.agent.search import SearchSpec, build_search_backend
+from searchrl.agent.settings import AgentSettings
+from searchrl.reward.verl_reward import row_golden_answers
+from searchrl.trainer.data import row_question
 from searchrl.trainer.guards import SearchFailureWindow
 from searchrl.trainer.verl_plugins.metrics import report_episode
 
@@ -146,85 +148,55 @@ class _StepFromServer:
         return outcome
 
 
-def _golds(kwargs: dict[str, Any]) -> list[str]:
-    extra = kwargs.get("extra_info") or {}
-    value = extra.get("golden_answers")
-    if value is None:
-        gt = (kwargs.get("reward_model") or {}).get("ground_truth")
-        value = gt.get("target") if isinstance(gt, dict) else gt
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    return [str(v) for v in list(value)]
-
-
-def _question(kwargs: dict[str, Any]) -> str:
-    extra = kwargs.get("extra_info") or {}
-    if extra.get("question"):
-        return str(extra["question"])
-    for msg in reversed(list(kwargs.get("raw_prompt") or [])):
-        if msg.get("role") == "user":
-            content = str(msg.get("content", ""))
-            return content.removeprefix("Question:").strip()
-    return ""
-
-
 @register("searchrl_research")
 class SearchRLResearchAgentLoop(AgentLoopBase):
     """ReSearch multi-turn rollouts with search, as a verl agent loop.
 
-    Keyword settings (from ``trainer/searchrl/trainer/config/agent_loops.yaml``): ``template``, ``protocol``, ``top_k``,
-    ``max_turns`` (default: ``rollout.multi_turn.max_assistant_turns``), ``max_new_tokens_per_turn``,
-    ``response_prefix``, ``search_timeout_s``, ``max_doc_chars``, ``use_dataset_prompt`` (render the dataset's chat
-    messages instead of our template), ``search`` (a mapping for
-    :func:`~searchrl.agent.search.build_search_backend` used when no search tool is loaded).
+    Keyword settings (from ``trainer/searchrl/trainer/config/agent_loops.yaml``): any field of
+    :class:`~searchrl.agent.settings.AgentSettings` (``template``, ``protocol``, ``top_k``, ``max_turns`` (0 or unset:
+    ``rollout.multi_turn.max_assistant_turns``), ``max_new_tokens_per_turn``, ``response_prefix``,
+    ``search_timeout_s``, ``max_doc_chars`` ...; ``max_response_tokens`` is ``rollout.response_length``),
+    ``use_dataset_prompt`` (render the dataset's chat messages instead of our template), ``search`` (the fields of a
+    :class:`~searchrl.agent.search.SearchSpec` used when no search tool is loaded; none: no search).
+
+    Raises:
+        InvalidRequest: a setting out of range or an invalid ``search`` mapping.
     """
 
     def __init__(
         self,
         *args: Any,
         tools: Any = None,
-        template: str = "research_instruct",
-        protocol: str = "research",
-        top_k: int = 5,
-        max_turns: int = 0,
-        max_new_tokens_per_turn: int = 512,
-        response_prefix: str = "<think>",
-        search_timeout_s: float = 30.0,
-        max_doc_chars: int = 0,
         use_dataset_prompt: bool = True,
         search: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
+        ours = {k: kwargs.pop(k) for k in list(kwargs) if k in AgentSettings.model_fields}
         super().__init__(*args, **kwargs)
         tool_list = list(getattr(tools, "tools", None) or [])
         self.search_tool = next((t for t in tool_list if hasattr(t, "search") and hasattr(t, "execute")), None)
-        self._search_spec = dict(search or {})
+        self._search_spec = SearchSpec(**search) if search else SearchSpec(kind="none")
         self._fallback_search: Any = None
         multi_turn = self.rollout_config.get("multi_turn", {}) or {}
         self.response_length = int(self.rollout_config.response_length)
         self.use_dataset_prompt = use_dataset_prompt
         self.engine = str(self.rollout_config.get("name", "sglang"))
-        self.loop_settings = {
-            "template": template,
-            "protocol": protocol,
-            "top_k": int(top_k),
-            "max_turns": int(max_turns or multi_turn.get("max_assistant_turns") or 4),
-            "max_new_tokens_per_turn": int(max_new_tokens_per_turn),
-            "response_prefix": response_prefix,
-            "search_timeout_s": float(search_timeout_s),
-            "max_doc_chars": int(max_doc_chars),
-            # verl's tool-response limit (characters) and cut side apply to our <result> blocks too
-            "max_observation_chars": int(multi_turn.get("max_tool_response_length") or 0),
-            "truncate_side": str(multi_turn.get("tool_response_truncate_side") or "right"),
-        }
+        self.settings = AgentSettings(
+            **{
+                **ours,
+                "max_turns": int(ours.get("max_turns") or multi_turn.get("max_assistant_turns") or 4),
+                "max_response_tokens": self.response_length,
+                # verl's tool-response limit (characters) and cut side apply to our <result> blocks too
+                "max_observation_chars": int(multi_turn.get("max_tool_response_length") or 0),
+                "truncate_side": str(multi_turn.get("tool_response_truncate_side") or "right"),
+            }
+        )
 
     def _search_backend(self) -> Any:
         if self.search_tool is not None:
             return self.search_tool
         if self._fallback_search is None:
-            self._fallback_search = build_search_backend(**self._search_spec) if self._search_spec else NoSearch()
+            self._fallback_search = build_search_backend(self._search_spec)
         return self._fallback_search
 
     def _prompt_ids(self, kwargs: dict[str, Any]) -> list[int]:
@@ -242,8 +214,9 @@ class SearchRLResearchAgentLoop(AgentLoopBase):
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]
         else:
-            settings = self.loop_settings
-            ids = render_prompt(tokenizer, _question(kwargs), str(settings["template"]), str(settings["protocol"])).ids
+            ids = render_prompt(
+                tokenizer, row_question(kwargs, "raw_prompt"), self.settings.template, self.settings.protocol
+            ).ids
         capped: list[int] = self._cap_text_prompt_length([int(x) for x in ids])
         return capped
 
@@ -267,12 +240,12 @@ class SearchRLResearchAgentLoop(AgentLoopBase):
         """
         extra = kwargs.get("extra_info") or {}
         backend = VerlServerBackend(self.server_manager, self.tokenizer, sampling_params, engine=self.engine)
-        settings = dict(self.loop_settings)
-        cfg = AgentLoopConfig(
-            **settings,
-            max_response_tokens=self.response_length,
-            temperature=float(sampling_params.get("temperature", 1.0)),
-            top_p=float(sampling_params.get("top_p", 1.0)),
+        cfg = AgentSettings(
+            **{
+                **self.settings.model_dump(),
+                "temperature": float(sampling_params.get("temperature", 1.0)),
+                "top_p": float(sampling_params.get("top_p", 1.0)),
+            }
         )
         search = _StepFromServer(self._search_backend(), backend)
         loop = AgentLoop(backend, search, cfg)
@@ -281,8 +254,8 @@ class SearchRLResearchAgentLoop(AgentLoopBase):
             total_steps = (self.config.get("trainer", {}) or {}).get("total_training_steps")
         t0 = time.perf_counter()
         episode = await loop.run(
-            _question(kwargs),
-            _golds(kwargs),
+            row_question(kwargs, "raw_prompt"),
+            row_golden_answers(kwargs),
             question_id=str(extra.get("id", "")),
             seed=int(extra["seed"]) if extra.get("seed") is not None else None,
             step=int(extra["step"]) if extra.get("step") is not None else None,

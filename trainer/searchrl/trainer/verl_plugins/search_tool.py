@@ -25,26 +25,17 @@ variable named by ``auth_token_env``. A search that fails anyway is an error obs
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 from uuid import uuid4
 
 from verl.tools.base_tool import BaseTool
 from verl.tools.schemas import OpenAIFunctionToolSchema, ToolResponse
 
-from searchrl.agent.loop import SEARCHES, SearchContext, SearchOutcome, format_documents
-from searchrl.agent.search import build_search_backend
+from searchrl.agent.loop import SearchContext, SearchOutcome, run_search
+from searchrl.agent.search import SearchSpec, build_search_backend
+from searchrl.agent.settings import AgentSettings
 from searchrl.client.base import ChannelOptions
-
-
-def _golds(value: Any) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, dict):
-        value = value.get("target", [])
-    if isinstance(value, str):
-        return [value]
-    return [str(v) for v in list(value)]
+from searchrl.reward.verl_reward import golden_answers_of
 
 
 class SearchRLSearchTool(BaseTool):
@@ -58,10 +49,13 @@ class SearchRLSearchTool(BaseTool):
     def __init__(self, config: dict[str, Any], tool_schema: OpenAIFunctionToolSchema) -> None:
         super().__init__(config, tool_schema)
         self.backend_kind = str(config.get("backend", "retriever"))
-        self.top_k = int(config.get("top_k", 5))
         self.timeout_s = float(config.get("timeout_s", 30.0))
-        self.max_query_chars = int(config.get("max_query_chars", 2000))
-        self.max_doc_chars = int(config.get("max_doc_chars", 0))
+        self.settings = AgentSettings(
+            top_k=int(config.get("top_k", 5)),
+            search_timeout_s=self.timeout_s,
+            max_query_chars=int(config.get("max_query_chars", 2000)),
+            max_doc_chars=int(config.get("max_doc_chars", 0)),
+        )
         self.total_steps = config.get("total_steps")
         self._backend: Any = config.get("backend_object")  # tests / in-process use: an existing SearchBackend
         self._instances: dict[str, SearchContext] = {}
@@ -75,8 +69,8 @@ class SearchRLSearchTool(BaseTool):
             token_env = str(self.config.get("auth_token_env", "") or "")
             if token_env and os.environ.get(token_env):
                 options.token = os.environ[token_env].strip()
-            self._backend = build_search_backend(
-                self.backend_kind,
+            spec = SearchSpec(
+                kind=self.backend_kind,
                 retriever_target=str(self.config.get("retriever_target", "")),
                 simulator_target=str(self.config.get("simulator_target", "")),
                 mix_ratio=float(self.config.get("mix_ratio", 0.5)),
@@ -84,6 +78,7 @@ class SearchRLSearchTool(BaseTool):
                 timeout_s=self.timeout_s,
                 options=options,
             )
+            self._backend = build_search_backend(spec)
         return self._backend
 
     async def create(self, instance_id: str | None = None, **kwargs: Any) -> tuple[str, ToolResponse]:
@@ -93,7 +88,7 @@ class SearchRLSearchTool(BaseTool):
         total = ck.get("total_steps", self.total_steps)
         self._instances[iid] = SearchContext(
             question=str(ck.get("question", "")),
-            golden_answers=_golds(ck.get("golden_answers", ck.get("ground_truth"))),
+            golden_answers=golden_answers_of(ck.get("golden_answers", ck.get("ground_truth"))),
             step=int(ck["step"]) if ck.get("step") is not None else None,
             total_steps=int(total) if total is not None else None,
             seed=int(ck["seed"]) if ck.get("seed") is not None else None,
@@ -116,39 +111,22 @@ class SearchRLSearchTool(BaseTool):
 
         Returns:
             ``(ToolResponse(text=documents or error message), 0.0, metrics)``; metrics hold ``latency_ms``,
-            ``num_documents``, ``cache_hit``, ``backend`` and ``error``. Never raises for bad input or a dead backend.
+            ``num_documents``, ``cache_hit``, ``backend`` and ``error``. Never raises for bad input or a dead backend
+            (the observation texts and the search counter are the agent loop's: :func:`~searchrl.agent.loop.run_search`).
         """
         query = parameters.get("query")
         if query is None and parameters.get("query_list"):
             query = list(parameters["query_list"])[0]
-        query = str(query or "").strip()
-        backend_name = self.backend_kind
-        if not query or len(query) > self.max_query_chars:
-            SEARCHES.labels(backend_name, "invalid_query").inc()
-            why = "the query is empty" if not query else f"the query is longer than {self.max_query_chars} characters"
-            return ToolResponse(text=f"Search error: {why}."), 0.0, {"error": why, "num_documents": 0}
         context = self._instances.get(instance_id) or SearchContext(question="", golden_answers=[])
-        t0 = time.perf_counter()
-        try:
-            outcome = await self.search(query, top_k=self.top_k, context=context)
-        except Exception as exc:  # a dead backend gives an error observation, never a crashed rollout
-            outcome = SearchOutcome([], backend_name, error=f"{type(exc).__name__}: {exc}"[:500])
-        latency = (time.perf_counter() - t0) * 1000
+        record, body = await run_search(self, str(query or "").strip(), context, self.settings, self.backend_kind)
         metrics = {
-            "latency_ms": latency,
-            "num_documents": len(outcome.documents),
-            "cache_hit": outcome.cache_hit,
-            "backend": outcome.backend,
-            "error": outcome.error,
+            "latency_ms": record.latency_ms,
+            "num_documents": len(record.documents),
+            "cache_hit": record.cache_hit,
+            "backend": record.backend,
+            "error": record.error,
         }
-        if outcome.error:
-            SEARCHES.labels(outcome.backend or backend_name, "error").inc()
-            return ToolResponse(text="Search error: the search engine is unavailable."), 0.0, metrics
-        if not outcome.documents:
-            SEARCHES.labels(outcome.backend or backend_name, "empty").inc()
-            return ToolResponse(text="No documents found."), 0.0, metrics
-        SEARCHES.labels(outcome.backend or backend_name, "ok").inc()
-        return ToolResponse(text=format_documents(outcome.documents, self.max_doc_chars)), 0.0, metrics
+        return ToolResponse(text=body), 0.0, metrics
 
     async def calc_reward(self, instance_id: str, **kwargs: Any) -> float:
         """No step reward: the episode reward comes from ``compute_score``."""

@@ -1,0 +1,131 @@
+"""The engine contract of the PolicyService (:class:`PolicyEngine`) and what its engines share (:class:`EngineBase`)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from searchrl.agent.loop import GenerationBackend, GenerationOutput
+from searchrl.agent.settings import SamplingParams
+from searchrl.errors import InvalidRequest
+
+
+class PolicyEngine(GenerationBackend, Protocol):
+    """What the PolicyService, the evaluator and the trainer use of an engine (both engines of this package).
+
+    Attributes:
+        engine_name: ``"transformers"`` or ``"sglang"``.
+        model_name: model name or checkpoint directory it was built from.
+        max_context_tokens: the model's context window, in tokens (prompt + completion).
+        vocab_size: size of the vocabulary; token ids are in ``[0, vocab_size)``.
+    """
+
+    engine_name: str
+    model_name: str
+    max_context_tokens: int
+    vocab_size: int
+
+    @property
+    def version(self) -> str:
+        """Version label of the weights new requests are served with."""
+        ...
+
+    @property
+    def eos_token_id(self) -> int:
+        """The primary EOS token id."""
+        ...
+
+    async def generate(
+        self,
+        prompt_ids: list[int],
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+        top_k: int = -1,
+    ) -> GenerationOutput:
+        """One completion of ``prompt_ids``; ``top_k`` keeps the k most likely tokens (-1 or 0: all)."""
+        ...
+
+    async def load_weights(self, path: str, version: str = "") -> str:
+        """Hot-swaps the weights from a checkpoint directory; returns the version now serving."""
+        ...
+
+    async def close(self) -> None:
+        """Releases the engine (worker thread, in-process server, HTTP client)."""
+        ...
+
+
+class EngineBase:
+    """Shared by the engines: the version label, request checks and :meth:`generate_text`."""
+
+    tokenizer: Any
+    max_context_tokens: int
+    _version = "0"
+    generated_tokens = 0  # tokens sampled so far
+
+    @property
+    def version(self) -> str:
+        """Version label of the weights new requests are served with."""
+        return self._version
+
+    def check_request(
+        self, prompt_ids: Sequence[int], max_new_tokens: int, temperature: float, top_p: float, top_k: int
+    ) -> SamplingParams:
+        """Validates one request; ``max_new_tokens`` comes back clamped to the context left after the prompt.
+
+        Raises:
+            InvalidRequest: bad sampling parameters (:meth:`SamplingParams.parse`; ``top_k`` 0 means -1), an empty
+                prompt, or a prompt that fills the context window.
+        """
+        params = SamplingParams.parse(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k or -1
+        )
+        if not prompt_ids:
+            raise InvalidRequest("prompt is empty")
+        if len(prompt_ids) >= self.max_context_tokens:
+            raise InvalidRequest(
+                f"prompt has {len(prompt_ids)} tokens; the model's context window is {self.max_context_tokens} tokens"
+            )
+        left = self.max_context_tokens - len(prompt_ids)
+        return params.model_copy(update={"max_new_tokens": min(params.max_new_tokens, left)})
+
+    async def generate_text(
+        self: PolicyEngine,
+        prompts: Sequence[str],
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+    ) -> list[str]:
+        """Text in, text out: completes each prompt (tokenised without special tokens) concurrently.
+
+        Args:
+            prompts: prompt strings (apply a chat template first if the model needs one).
+            max_new_tokens, temperature, top_p, stop: as in :meth:`PolicyEngine.generate`.
+            seed: prompt ``i`` is sampled with ``seed + i`` (``None``: unseeded).
+
+        Returns:
+            One completion text per prompt, in order.
+
+        Raises:
+            InvalidRequest: an empty prompt or bad sampling parameters.
+        """
+        outs = await asyncio.gather(
+            *(
+                self.generate(
+                    self.tokenizer.encode(p, add_special_tokens=False),
+                    max_new_tokens=max_new_tokens,
+                    temperature=temperature,
+                    top_p=top_p,
+                    stop=stop,
+                    seed=None if seed is None else seed + i,
+                )
+                for i, p in enumerate(prompts)
+            )
+        )
+        return [o.text for o in outs]

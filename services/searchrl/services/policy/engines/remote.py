@@ -1,0 +1,60 @@
+"""The PolicyService as a generation backend of the agent loop (:class:`RemotePolicyBackend`).
+
+It lives here, not in :mod:`searchrl.client.policy`: it returns the agent loop's
+:class:`~searchrl.agent.loop.GenerationOutput`, and the client layer sits below the agent layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from searchrl.agent.loop import GenerationOutput
+from searchrl.client.policy import PolicyClient
+
+
+class RemotePolicyBackend:
+    """A :class:`~searchrl.agent.loop.GenerationBackend` over the PolicyService ``Generate`` RPC.
+
+    Args:
+        client: the PolicyService's client.
+        tokenizer: the policy's tokenizer (the agent loop tokenises prompts and observations locally).
+    """
+
+    def __init__(self, client: PolicyClient, tokenizer: Any) -> None:
+        self.client = client
+        self.tokenizer = tokenizer
+
+    async def generate(
+        self,
+        prompt_ids: list[int],
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+    ) -> GenerationOutput:
+        """Calls ``Generate`` with n=1 and returns its completion.
+
+        Raises:
+            InvalidRequest: the server rejected the request (INVALID_ARGUMENT).
+            Unavailable: the server is down.
+        """
+        resp = await self.client.generate(
+            token_ids=list(prompt_ids),
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop=list(stop),
+            seed=seed,
+            n=1,
+        )
+        c = resp.completions[0]
+        return GenerationOutput(
+            token_ids=list(c.token_ids),
+            logprobs=list(c.logprobs),
+            text=c.text,
+            finish_reason=c.finish_reason,
+            policy_version=resp.policy_version,
+        )

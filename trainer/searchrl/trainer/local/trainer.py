@@ -1,0 +1,559 @@
+"""The local trainer's driver: :class:`LocalTrainer` (set-up and resume, rollout, reward, update, report,
+checkpoints) and :func:`train`, the Python API behind ``searchrl train``. See :mod:`searchrl.trainer.local` for the
+step.
+
+SIGINT / SIGTERM: the first signal lets the running step finish, writes a checkpoint and returns; a second one during
+the rollout or reward phase abandons the step (nothing of it is kept; the previous step's state is checkpointed) and
+returns at once. An update that has started always finishes, so a checkpoint never holds half an update.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from searchrl.agent.prompts import get_protocol
+from searchrl.agent.search import SearchSpec, build_search_backend
+from searchrl.data.datasets import Example
+from searchrl.errors import InvalidRequest
+from searchrl.reward.shaping import format_progress, load_reward_function
+from searchrl.tracking import MlflowRun
+from searchrl.trainer import checkpoint as ckpt
+from searchrl.trainer.config import TrainConfig
+from searchrl.trainer.data import load_examples
+from searchrl.trainer.guards import GUARDS, GuardEvent, Guards
+from searchrl.trainer.local.cursor import DataCursor, episode_seed
+from searchrl.trainer.local.update import EpisodeData, GRPOUpdater
+from searchrl.trainer.telemetry import TrainerGauges, rollout_metrics
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, dict[str, float]], None]
+
+
+class StepAbandoned(Exception):
+    """A second stop signal arrived while a step was running; the step's work is discarded."""
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes:
+        run_id: the MLflow run id.
+        tracking_uri: where that run lives.
+        step: last finished step.
+        metrics: that step's metrics (empty when no step ran).
+        history: metrics of every step this call ran, in order.
+        checkpoint: the newest checkpoint folder (``None`` when none was written).
+        stopped_by: ``None`` (reached ``max_steps``), ``"signal"`` or the guard that stopped the run.
+        guard_events: every guard trip of this call.
+        output_dir: the run folder.
+    """
+
+    run_id: str
+    tracking_uri: str
+    step: int
+    metrics: dict[str, float]
+    history: list[dict[str, float]]
+    checkpoint: Path | None
+    stopped_by: str | None
+    guard_events: list[GuardEvent]
+    output_dir: Path
+
+
+class LocalTrainer:
+    """GRPO on one machine. Use :func:`train` unless you need the pieces.
+
+    Args:
+        config: the run's configuration.
+        search_backend: a ready :class:`~searchrl.agent.loop.SearchBackend` to use instead of building one
+            from ``config.rollout.search`` (e.g. an in-process retriever); ``None``: build from the config.
+        examples: training questions to use instead of loading ``config.data.train``.
+        reward_fn: a reward function with verl's ``compute_score`` contract instead of ``config.reward.function``.
+
+    Raises:
+        InvalidRequest: unusable config or data, or a reward function that cannot be loaded.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        search_backend: Any = None,
+        examples: Sequence[Example] | None = None,
+        reward_fn: Callable[..., Any] | None = None,
+    ) -> None:
+        self.config = config
+        self._search_override = search_backend
+        self.examples = (
+            list(examples) if examples is not None else load_examples(config.data.train, limit=config.data.limit)
+        )
+        if config.data.limit:
+            self.examples = self.examples[: config.data.limit]
+        self.cursor = DataCursor(len(self.examples), config.data.batch_size, config.seed, config.data.shuffle)
+        self.guards = Guards(config.guards)
+        self.step = 0
+        self.run: MlflowRun | None = None
+        self.gauges: TrainerGauges | None = None
+        self._stop_requested = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._engine: Any = None
+        self._policy_client: Any = None
+        self._search: Any = None
+        self._rollout_store: Any = None
+        self.history: list[dict[str, float]] = []
+        self.last_checkpoint: ckpt.CheckpointInfo | None = None
+        self._rollout_task: asyncio.Task[Any] | None = None
+        self._setup_done = False
+        self._reward_fn: Callable[..., Any] | None = reward_fn or (
+            load_reward_function(config.reward.function) if config.reward.function else None
+        )
+
+    @property
+    def model(self) -> Any:
+        """The policy being trained (set by :meth:`setup`)."""
+        return self.updater.model
+
+    # -------------------------------------------------------------------------------------------- set-up
+    def setup(self, *, resume: bool = True) -> None:
+        """Loads the models, the optimizer, the search backend and MLflow; restores the newest checkpoint when
+        ``resume`` and one exists.
+
+        Raises:
+            InvalidRequest: the model cannot be loaded.
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+
+        from searchrl.assets import policy_model_path
+
+        cfg = self.config
+        if cfg.model.torch_threads:
+            torch.set_num_threads(cfg.model.torch_threads)
+        set_seed(cfg.seed)  # python, numpy and torch
+        cfg.output_path.mkdir(parents=True, exist_ok=True)
+        found = ckpt.latest_checkpoint(cfg.checkpoint_path) if resume else None
+        base_path = policy_model_path(cfg.model.path)
+        ref_path = policy_model_path(cfg.model.reference_path) if cfg.model.reference_path else base_path
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(base_path)
+            # Master weights stay float32; bfloat16 is used through autocast (verl's FSDP mixed precision does the same).
+            ref_model = AutoModelForCausalLM.from_pretrained(ref_path, dtype=torch.float32)
+            if found is not None:
+                model = AutoModelForCausalLM.from_pretrained(found.model_path, dtype=torch.float32)
+            elif ref_path == base_path:
+                model = copy.deepcopy(ref_model)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+        except OSError as exc:
+            raise InvalidRequest(f"cannot load the policy {cfg.model.path!r}: {exc}") from exc
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        tok = self.tokenizer
+        pad_id = int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        self.updater = GRPOUpdater(model.eval(), ref_model.eval().requires_grad_(False), cfg, pad_id)
+        run_id = None
+        if found is not None:
+            state = ckpt.load_state(found)
+            self.updater.load_state_dict(state)
+            self.cursor.load_state_dict(state["cursor"])
+            self.guards.load_state_dict(state.get("guards", {}))
+            self.step = int(state["step"])
+            run_id = state.get("mlflow_run_id")
+            ckpt.set_rng_state(state["rng"])
+            self.last_checkpoint = found
+            log.info("resumed from %s (step %d)", found.path, self.step)
+        self.run = MlflowRun(
+            cfg.tracking_uri,
+            cfg.logging.experiment,
+            run_name=cfg.logging.run_name or cfg.output_path.name,
+            run_id=run_id,
+            tags={"searchrl.component": "local-trainer", "searchrl.model": cfg.model.path},
+        )
+        if run_id is None:
+            self.run.log_params(cfg.model_dump(mode="json"))
+        (cfg.output_path / "config.yaml").write_text(cfg.to_yaml())
+        self.gauges = TrainerGauges(cfg.logging.metrics_port, cfg.logging.metrics_host)
+        self._loop = asyncio.new_event_loop()
+        self._loop.run_until_complete(self._setup_async())
+        self._setup_done = True
+
+    async def _setup_async(self) -> None:
+        cfg = self.config
+        self._search = self._search_override
+        if self._search is None:
+            s, inprocess = cfg.rollout.search, None
+            if s.backend == "inprocess":
+                from searchrl.retriever.inprocess import open_inprocess_retriever
+
+                inprocess = await open_inprocess_retriever(s.index_dir)
+            spec = SearchSpec(
+                kind=s.backend,
+                retriever_target=s.retriever_target,
+                simulator_target=s.simulator_target,
+                mix_ratio=s.mix_ratio,
+                training=True,
+                seed=cfg.seed,
+                timeout_s=s.timeout_s,
+                inprocess=inprocess,
+            )
+            self._search = build_search_backend(spec)
+        if cfg.rollout.engine == "inprocess":
+            from searchrl.services.policy.engines import TransformersEngine
+
+            self._engine = TransformersEngine(
+                self.model,
+                tokenizer=self.tokenizer,
+                max_batch_size=cfg.rollout.max_batch_size,
+                version=f"step-{self.step}",
+                # one intra-op thread for decoding: on a few shared cores two threads oversubscribe (4-10x slower
+                # decode steps measured in benchmarks/rollout_bench.py conditions)
+                torch_threads=1,
+            )
+            self._generator = self._engine
+        else:
+            from searchrl.client.policy import PolicyClient
+            from searchrl.services.policy.engines import RemotePolicyBackend
+
+            self._policy_client = PolicyClient(cfg.rollout.policy_target)
+            self._generator = RemotePolicyBackend(self._policy_client, self.tokenizer)
+            if self.step > 0 and self.last_checkpoint is not None:
+                await self._policy_client.load_weights(
+                    str(self.last_checkpoint.model_path), policy_version=f"step-{self.step}", timeout_s=600
+                )
+        if cfg.logging.rollout_redis_url:
+            from searchrl.services.rollouts.store import RolloutStore
+
+            self._rollout_store = RolloutStore(cfg.logging.rollout_redis_url, stream=cfg.logging.rollout_stream)
+
+    # -------------------------------------------------------------------------------------------- one step
+    async def _rollout(self, step: int, batch: list[Example]) -> list[Any]:
+        from searchrl.agent.loop import AgentLoop, EpisodeRequest, run_episodes
+
+        cfg = self.config
+        settings = cfg.rollout.agent.model_copy(update={"search_timeout_s": cfg.rollout.search.timeout_s})
+        agent = AgentLoop(self._generator, self._search, settings)
+        n = cfg.data.group_size
+        requests = [
+            EpisodeRequest(
+                ex.question, list(ex.golden_answers), question_id=ex.id, seed=episode_seed(cfg.seed, step, slot, j)
+            )
+            for slot, ex in enumerate(batch)
+            for j in range(n)
+        ]
+        # The curriculum position is the number of finished steps: the first step samples at p_start (ZeroSearch).
+        return await run_episodes(
+            agent,
+            requests,
+            max_concurrency=cfg.rollout.concurrency,
+            step=step - 1,
+            total_steps=self.config.curriculum_total_steps,
+        )
+
+    def _score(self, episodes: Sequence[Any], examples: Sequence[Example]) -> list[Any]:
+        """Scores episodes (``examples[i // group_size]`` is episode ``i``'s question) with the scheme, or with the
+        custom reward function when one is configured (the scheme's F1/EM/format then stay as diagnostics); plus
+        ``reward.format_bonus`` x :func:`~searchrl.reward.shaping.format_progress`."""
+        from searchrl.reward.scoring import score
+
+        cfg = self.config
+        scheme, bonus = cfg.reward.scheme, cfg.reward.format_bonus
+        protocol = get_protocol(cfg.rollout.agent.protocol)
+        out = []
+        for i, ep in enumerate(episodes):
+            res = score(
+                ep.response_text,
+                ep.golden_answers,
+                scheme,
+                ended_with_eos=ep.ended_with_eos,
+                info_tag=protocol.obs_open.strip("<>"),
+            )
+            reward = res.reward
+            if self._reward_fn is not None:
+                ex = examples[i // cfg.data.group_size]
+                got = self._reward_fn(
+                    data_source=ex.source,
+                    solution_str=ep.response_text,
+                    ground_truth={"target": list(ex.golden_answers)},
+                    extra_info={
+                        "question": ep.question,
+                        "id": ex.id,
+                        "scheme": scheme,
+                        "ended_with_eos": ep.ended_with_eos,
+                    },
+                )
+                reward = float(got["score"] if isinstance(got, dict) else got)
+            if bonus:
+                reward += bonus * format_progress(ep.response_text, protocol.name)
+            out.append(dataclasses.replace(res, reward=reward))
+        return out
+
+    async def _publish(self, step: int, episodes: Sequence[Any], scores: Sequence[Any]) -> None:
+        if self._rollout_store is None:
+            return
+        msgs = []
+        for i, (ep, s) in enumerate(zip(episodes, scores, strict=True)):
+            ep.policy_version = ep.policy_version or f"step-{step - 1}"
+            msgs.append(ep.to_proto(reward=s.reward, group_index=i // self.config.data.group_size))
+        try:
+            await self._rollout_store.add_many(msgs)
+        except Exception as exc:  # noqa: BLE001 - a down Redis must not stop training
+            log.warning("could not push %d trajectories to the rollout store: %s", len(msgs), exc)
+
+    def train_step(self) -> tuple[dict[str, float], list[GuardEvent]]:
+        """Runs one full GRPO step (rollout, reward, update, report); returns its metrics and guard trips."""
+        assert self._loop is not None and self.run is not None and self.gauges is not None
+        cfg = self.config
+        step = self.step + 1
+        t0 = time.perf_counter()
+        cursor_before = self.cursor.state_dict()
+        batch = [self.examples[i] for i in self.cursor.next_batch()]
+        log.info("step %d started: %d questions x %d samples", step, len(batch), cfg.data.group_size)
+        try:
+            self._rollout_task = self._loop.create_task(self._rollout(step, batch))
+            try:
+                episodes = self._loop.run_until_complete(self._rollout_task)
+            except asyncio.CancelledError:
+                raise StepAbandoned() from None
+            finally:
+                self._rollout_task = None
+            self._check_abandon()
+            t1 = time.perf_counter()
+            scores = self._score(episodes, batch)
+            t2 = time.perf_counter()
+            self._check_abandon()
+        except StepAbandoned:
+            self.cursor.load_state_dict(cursor_before)
+            raise
+        data = [
+            EpisodeData(
+                ep.prompt_ids,
+                ep.response_ids,
+                ep.loss_mask,
+                ep.response_logprobs,
+                s.reward,
+                f"{step}:{i // cfg.data.group_size}",
+            )
+            for i, (ep, s) in enumerate(zip(episodes, scores, strict=True))
+        ]
+        actor = self.updater.update(data)
+        t3 = time.perf_counter()
+        self.step = step
+        version = f"step-{step}"
+        if self._engine is not None:
+            self._engine.set_model(self.model, version)
+        metrics = {**rollout_metrics(episodes, scores), **actor}
+        metrics.update({"time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/update_s": t3 - t2})
+        if self._policy_client is not None:
+            t4 = time.perf_counter()
+            weights = cfg.output_path / "live_weights"
+            self.model.save_pretrained(weights)
+            self.tokenizer.save_pretrained(weights)
+            self._loop.run_until_complete(
+                self._policy_client.load_weights(str(weights), policy_version=version, timeout_s=600)
+            )
+            metrics["time/weight_sync_s"] = time.perf_counter() - t4
+        self._loop.run_until_complete(self._publish(step, episodes, scores))
+        metrics["time/total_s"] = time.perf_counter() - t0
+        metrics["train/epoch"] = float(self.cursor.epoch)
+        events = self.guards.update(
+            step,
+            reward_mean=metrics["reward/mean"],
+            searches_per_episode=metrics["rollout/searches_per_episode"],
+            kl=metrics["actor/kl"],
+            searches=int(metrics["rollout/searches"]),
+            failed_searches=int(metrics["rollout/search_failures"]),
+        )
+        for g in GUARDS:
+            metrics[f"guard/{g}"] = 1.0 if self.guards.tripped.get(g) else 0.0
+        self.run.log_metrics(metrics, step=step)
+        self.gauges.update(step, metrics, self.guards.tripped)
+        self._write_jsonl("metrics.jsonl", [{"step": step, **metrics}])
+        if cfg.trainer.log_trajectories:
+            rows = [
+                {"step": step, "question": ep.question, "golden_answers": ep.golden_answers, "response": ep.response_text,
+                 "reward": s.reward, "f1": s.f1, "format_ok": s.format_ok, "format_error": s.format_error,
+                 "searches": [x.query for x in ep.searches], "finish_reason": ep.finish_reason}
+                for ep, s in list(zip(episodes, scores, strict=True))[: cfg.trainer.log_trajectories]
+            ]  # fmt: skip
+            self._write_jsonl("trajectories.jsonl", rows)
+        self.history.append(metrics)
+        return metrics, events
+
+    def _write_jsonl(self, name: str, rows: Sequence[dict[str, Any]]) -> None:
+        with open(self.config.output_path / name, "a", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    # -------------------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> ckpt.CheckpointInfo:
+        """Writes a checkpoint of the current step (see :mod:`searchrl.trainer.checkpoint`)."""
+        assert self.run is not None
+        cfg = self.config
+        state = {
+            **self.updater.state_dict(),
+            "cursor": self.cursor.state_dict(),
+            "guards": self.guards.state_dict(),
+            "mlflow_run_id": self.run.run_id,
+        }
+        info = ckpt.save_checkpoint(
+            cfg.checkpoint_path,
+            self.step,
+            model=self.model,
+            tokenizer=self.tokenizer,
+            state=state,
+            config_yaml=cfg.to_yaml(),
+            keep_last=cfg.checkpoint.keep_last,
+        )
+        self.last_checkpoint = info
+        self.run.set_tag("searchrl.last_checkpoint", str(info.path))
+        if cfg.logging.log_checkpoints_to_mlflow:
+            self.run.log_artifact(info.model_path, f"checkpoints/{info.path.name}")
+        return info
+
+    # -------------------------------------------------------------------------------------------- signals
+    def request_stop(self) -> None:
+        """Asks the run to stop: the first call finishes the running step and checkpoints; the second abandons it."""
+        self._stop_requested += 1
+        if self._stop_requested == 1:
+            log.warning("stop requested: finishing the current step, then writing a checkpoint")
+        else:
+            log.warning("second stop request: abandoning the current step")
+            task, loop = self._rollout_task, self._loop
+            if task is not None and loop is not None and not loop.is_closed():
+                loop.call_soon_threadsafe(task.cancel)
+
+    def _check_abandon(self) -> None:
+        if self._stop_requested >= 2:
+            raise StepAbandoned()
+
+    # -------------------------------------------------------------------------------------------- the run
+    def fit(self, progress: ProgressFn | None = None) -> TrainResult:
+        """Runs steps until ``trainer.max_steps``, a stop request or a stopping guard; always checkpoints on the way
+        out when a step finished since the last checkpoint."""
+        if not self._setup_done:
+            self.setup()
+        assert self.run is not None
+        cfg = self.config
+        events: list[GuardEvent] = []
+        stopped_by: str | None = None
+        status = "FINISHED"
+        metrics: dict[str, float] = {}
+        try:
+            while self.step < cfg.trainer.max_steps:
+                if self._stop_requested:
+                    stopped_by = "signal"
+                    break
+                try:
+                    metrics, step_events = self.train_step()
+                except StepAbandoned:
+                    stopped_by = "signal"
+                    break
+                events += step_events
+                if progress is not None:
+                    progress(self.step, metrics)
+                every = cfg.checkpoint.every_steps
+                if every and self.step % every == 0:
+                    self.save_checkpoint()
+                stop_events = [e for e in step_events if e.action == "stop"]
+                if stop_events:
+                    stopped_by = stop_events[0].guard
+                    self.run.set_tag("searchrl.stopped_by", stopped_by)
+                    break
+            done_step = self.last_checkpoint.step if self.last_checkpoint else 0
+            if self.step > done_step and (cfg.checkpoint.save_final or stopped_by is not None):
+                self.save_checkpoint()
+            if stopped_by == "signal":
+                status = "KILLED"
+        except BaseException:
+            status = "FAILED"
+            raise
+        finally:
+            self.run.finish(status)
+        return TrainResult(
+            run_id=self.run.run_id,
+            tracking_uri=cfg.tracking_uri,
+            step=self.step,
+            metrics=metrics or (self.history[-1] if self.history else {}),
+            history=list(self.history),
+            checkpoint=self.last_checkpoint.path if self.last_checkpoint else None,
+            stopped_by=stopped_by,
+            guard_events=events,
+            output_dir=cfg.output_path,
+        )
+
+    def close(self) -> None:
+        """Releases the engine, clients, the metrics server and the event loop."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+
+            async def _close() -> None:
+                if self._engine is not None:
+                    await self._engine.close()
+                for obj in (self._search, self._policy_client, self._rollout_store):
+                    closer = getattr(obj, "close", None)
+                    if closer is not None:
+                        try:
+                            res = closer()
+                            if asyncio.iscoroutine(res):
+                                await res
+                        except Exception as exc:  # noqa: BLE001 - best effort at shutdown
+                            log.debug("close failed: %s", exc)
+
+            loop.run_until_complete(_close())
+            loop.close()
+        if self.gauges is not None:
+            self.gauges.close()
+
+
+def train(
+    config: TrainConfig,
+    resume: bool = True,
+    progress: ProgressFn | None = None,
+    *,
+    search_backend: Any = None,
+    examples: Sequence[Example] | None = None,
+    reward_fn: Callable[..., Any] | None = None,
+    handle_signals: bool = True,
+) -> TrainResult:
+    """Runs (or continues) a local GRPO training run. The Python API behind ``searchrl train`` and the demo.
+
+    Args:
+        config: the run's configuration.
+        resume: continue from the newest checkpoint in ``config.checkpoint_path`` when there is one.
+        progress: called as ``progress(step, metrics)`` after every step.
+        search_backend: a ready search backend instead of the one ``config.rollout.search`` names.
+        examples: training questions instead of ``config.data.train``.
+        reward_fn: a reward function (verl ``compute_score`` contract) instead of ``config.reward.function``.
+        handle_signals: install SIGINT/SIGTERM handlers for a graceful stop (main thread only).
+
+    Returns:
+        :class:`TrainResult` with the MLflow run id, the last step's metrics and the newest checkpoint.
+
+    Raises:
+        InvalidRequest: bad config, data or model.
+    """
+    trainer = LocalTrainer(config, search_backend=search_backend, examples=examples, reward_fn=reward_fn)
+    previous: dict[int, Any] = {}
+    if handle_signals and threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda _s, _f: trainer.request_stop())
+    try:
+        trainer.setup(resume=resume)
+        return trainer.fit(progress)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        trainer.close()
