@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -56,3 +57,31 @@ def embedding_path() -> str:
     from searchrl.assets import embedding_model_path
 
     return embedding_model_path()
+
+
+@pytest.fixture(scope="session")
+def small_wiki_index(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A flat index of ~200 bundled Wikipedia summaries: every 50th one plus Eiffel Tower, Paris, Dracula and France."""
+    import json
+
+    from searchrl.retriever.corpus import iter_wiki
+    from searchrl.retriever.index.build import build_index
+
+    root = tmp_path_factory.mktemp("small-wiki")
+    corpus = root / "corpus.jsonl"
+    with open(corpus, "w", encoding="utf-8") as fh:
+        for i, p in enumerate(iter_wiki()):
+            if p.title in {"Eiffel Tower", "Paris", "Dracula", "France"} or i % 50 == 0:
+                fh.write(json.dumps({"id": p.id, "contents": p.contents}) + "\n")
+    build_index(str(corpus), root / "flat", index_type="flat", shard_size=256, progress=False)
+    return root / "flat"
+
+
+@pytest.fixture(scope="session")
+def small_wiki_retriever(small_wiki_index: Path) -> Iterator[object]:
+    """A real RetrievalService (child process, read-only) over :func:`small_wiki_index`, shared by the session."""
+    from searchrl.testing import ServiceProcess
+
+    args = ["--index-dir", str(small_wiki_index), "--http-port", "-1"]
+    with ServiceProcess("retriever", args, timeout_s=300) as proc:
+        yield proc

@@ -30,7 +30,7 @@ CFG = EvalConfig(
 def engine(policy_path: str) -> Iterator[Any]:
     import asyncio
 
-    from searchrl.services.policy.engines import TransformersEngine
+    from searchrl.services.policy.engines.transformers import TransformersEngine
 
     eng = TransformersEngine(policy_path, max_batch_size=N_QUESTIONS)
     yield eng
@@ -40,7 +40,7 @@ def engine(policy_path: str) -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def retriever_target() -> Iterator[str]:
     """A real ``searchrl serve retriever`` over the bundled Wikipedia summaries (index built once, cached)."""
-    from searchrl.retriever.index import ensure_wiki_index
+    from searchrl.retriever.index.wiki import ensure_wiki_index
     from searchrl.testing import ServiceProcess
 
     index_dir = ensure_wiki_index("flat", progress=False)

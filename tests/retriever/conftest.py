@@ -82,7 +82,8 @@ def shared_embeddings(request: pytest.FixtureRequest, tmp_path_factory: pytest.T
 @pytest.fixture(scope="session")
 def index_dirs(tmp_path_factory: pytest.TempPathFactory, wiki_slice, encoder, shared_embeddings) -> dict[str, Path]:  # noqa: ANN001
     """Flat, HNSW and IVF-PQ index directories of the slice (one embedding pass for all three)."""
-    from searchrl.retriever.index import IndexParams, build_index
+    from searchrl.retriever.index.build import build_index
+    from searchrl.retriever.index.params import IndexParams
 
     corpus, _ = wiki_slice
     root = tmp_path_factory.mktemp("indexes")
@@ -115,7 +116,7 @@ def fanout_sample(wiki_slice, encoder):  # noqa: ANN001, ANN201
 @pytest.fixture(scope="session", autouse=True)
 def _one_faiss_thread() -> None:
     """One OpenMP thread, as the service runs FAISS (spinning OpenMP threads thrash on 2 shared cores)."""
-    from searchrl.retriever.index import set_faiss_threads
+    from searchrl.retriever.index.faiss_util import set_faiss_threads
 
     set_faiss_threads(1)
 
@@ -123,6 +124,6 @@ def _one_faiss_thread() -> None:
 @pytest.fixture(scope="session")
 def flat_index(index_dirs, encoder):  # noqa: ANN001, ANN201 - LoadedIndex
     """The flat index of the slice, loaded once (CPU)."""
-    from searchrl.retriever.index import load_index
+    from searchrl.retriever.index.load import load_index
 
     return load_index(index_dirs["flat"], encoder=encoder, use_gpu=False)

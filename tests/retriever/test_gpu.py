@@ -18,7 +18,8 @@ def _needs_gpu() -> None:
 
 @pytest.mark.parametrize("kind", ["flat", "ivfpq"])
 def test_index_on_gpu_matches_cpu(index_dirs, flat_index, encoder, fanout_sample, kind) -> None:  # noqa: ANN001
-    from searchrl.retriever.index import load_index, recall_at_k
+    from searchrl.retriever.index.faiss_util import recall_at_k
+    from searchrl.retriever.index.load import load_index
 
     _, vecs = fanout_sample
     cpu = load_index(index_dirs[kind], encoder=encoder, use_gpu=False)
@@ -39,7 +40,9 @@ def test_ivfpq_with_nprobe_over_2048_stays_on_gpu_and_searches() -> None:
     from prometheus_client import REGISTRY
 
     from searchrl.retriever import gpu
-    from searchrl.retriever import index as ix
+    from searchrl.retriever.index.faiss_util import record_index_device, to_gpu
+    from searchrl.retriever.index.load import LoadedIndex
+    from searchrl.retriever.index.params import IndexParams
 
     d, nlist = 64, 2400  # nlist > 2292: the GPU limit, not nlist, is what binds
     x = np.random.default_rng(0).standard_normal((60_000, d)).astype("float32")
@@ -48,15 +51,15 @@ def test_ivfpq_with_nprobe_over_2048_stays_on_gpu_and_searches() -> None:
     cpu.train(x)
     cpu.add(x)
     cpu.nprobe = 2292
-    placed, on_gpu = ix.to_gpu(cpu, "nprobe-2292")
+    placed, on_gpu = to_gpu(cpu, "nprobe-2292")
     assert on_gpu, "nprobe > 2048 fell back to CPU"
     assert cpu.nprobe == gpu.GPU_MAX_NPROBE
-    loaded = ix.LoadedIndex(placed, None, None, None, True, ix.IndexParams(), "nprobe-2292", nlist, 2048)  # type: ignore[arg-type]
+    loaded = LoadedIndex(placed, None, None, None, True, IndexParams(), "nprobe-2292", nlist, 2048)  # type: ignore[arg-type]
     loaded.set_search_params(nprobe=4000)  # GpuParameterSpace would store 4000 and every search would throw
     assert loaded.nprobe == 2048
     _, rows = loaded.search_vectors(x[:256], 10)
     assert (rows == np.arange(256)[:, None]).any(axis=1).mean() > 0.95  # each vector finds itself
-    ix.record_index_device("nprobe-2292", on_gpu)
+    record_index_device("nprobe-2292", on_gpu)
     assert REGISTRY.get_sample_value("searchrl_index_device_info", {"index": "nprobe-2292", "device": "gpu"}) == 1
 
 
@@ -74,7 +77,7 @@ def test_the_installed_faiss_has_code_for_every_visible_gpu() -> None:
 def test_the_metric_reports_gpu_for_a_gpu_served_index(index_dirs, encoder) -> None:  # noqa: ANN001
     from prometheus_client import REGISTRY
 
-    from searchrl.retriever.index import load_index
+    from searchrl.retriever.index.load import load_index
 
     loaded = load_index(index_dirs["flat"], encoder=encoder, use_gpu=None)
     assert loaded.on_gpu
@@ -83,7 +86,7 @@ def test_the_metric_reports_gpu_for_a_gpu_served_index(index_dirs, encoder) -> N
 
 
 def test_hnsw_stays_on_cpu(index_dirs, encoder) -> None:  # noqa: ANN001
-    from searchrl.retriever.index import load_index
+    from searchrl.retriever.index.load import load_index
 
     assert not load_index(index_dirs["hnsw"], encoder=encoder, use_gpu=None).on_gpu
 

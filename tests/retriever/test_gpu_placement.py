@@ -20,7 +20,9 @@ from prometheus_client import REGISTRY
 
 from searchrl.errors import FailedPrecondition
 from searchrl.retriever import gpu
-from searchrl.retriever import index as ix
+from searchrl.retriever.index.faiss_util import prepare_for_gpu, record_index_device, to_gpu
+from searchrl.retriever.index.load import LoadedIndex, load_index
+from searchrl.retriever.index.params import IndexParams, read_manifest
 
 # SASS / PTX architectures read with searchrl.retriever.gpu.fatbin_archs from the PyPI wheels' shared libraries
 # (faiss-gpu 1.15.1: faiss/libfaiss.so; faiss-gpu-cu12 1.14.1.post1: faiss_gpu_cu12.libs/libfaiss-*.so); each
@@ -97,7 +99,7 @@ def _device_samples(name: str) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------------------------ nprobe clamp
 def test_the_wiki18_preset_computes_an_nprobe_over_the_gpu_limit() -> None:
-    p = ix.IndexParams().resolved(WIKI18_PASSAGES, 768)
+    p = IndexParams().resolved(WIKI18_PASSAGES, 768)
     assert (p.nlist, p.nprobe) == (18337, 2292)
     assert p.nprobe > gpu.GPU_MAX_NPROBE == 2048
 
@@ -117,7 +119,7 @@ def test_clamp_nprobe_caps_at_2048_and_nlist_and_logs_the_original(caplog: pytes
 def test_prepare_for_gpu_clamps_a_real_ivf_index(big_ivf, caplog: pytest.LogCaptureFixture) -> None:  # noqa: ANN001
     big_ivf.nprobe = 2292
     with caplog.at_level(logging.WARNING, logger="searchrl.retriever.gpu"):
-        assert ix.prepare_for_gpu(big_ivf, "wiki-18-ivfpq") == 2292
+        assert prepare_for_gpu(big_ivf, "wiki-18-ivfpq") == 2292
     assert big_ivf.nprobe == 2048
     assert "nprobe=2292" in caplog.text and "clamped to nprobe=2048" in caplog.text
     big_ivf.nprobe = 2292
@@ -127,14 +129,14 @@ def test_prepare_for_gpu_leaves_what_faiss_gpu_accepts() -> None:
     import faiss
 
     small = _ivfpq(64, 8)
-    assert ix.prepare_for_gpu(small) is None and small.nprobe == 8
+    assert prepare_for_gpu(small) is None and small.nprobe == 8
     flat = faiss.IndexFlatIP(8)
-    assert ix.prepare_for_gpu(flat) is None
+    assert prepare_for_gpu(flat) is None
 
 
 def test_to_gpu_clamps_before_cloning_so_the_ivf_index_stays_on_gpu(big_ivf, fake_gpu: list[int]) -> None:  # noqa: ANN001
     big_ivf.nprobe = 2292
-    placed, on_gpu = ix.to_gpu(big_ivf, "wiki-18-ivfpq")
+    placed, on_gpu = to_gpu(big_ivf, "wiki-18-ivfpq")
     assert on_gpu, "nprobe 2292 made the GPU clone fail"
     assert fake_gpu == [2048] and placed.nprobe == 2048
     big_ivf.nprobe = 2292
@@ -152,8 +154,8 @@ def test_a_clone_failure_keeps_the_cpu_index_with_its_nprobe_and_the_metric_says
 
     monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", no_kernel)
     name = Path(index_dirs["ivfpq"]).name
-    m = ix.read_manifest(index_dirs["ivfpq"])
-    loaded = ix.load_index(index_dirs["ivfpq"], encoder=encoder, use_gpu=None, nprobe=m.build_params["nlist"] + 5)
+    m = read_manifest(index_dirs["ivfpq"])
+    loaded = load_index(index_dirs["ivfpq"], encoder=encoder, use_gpu=None, nprobe=m.build_params["nlist"] + 5)
     assert not loaded.on_gpu and fake_gpu  # the clone was tried, then the index stayed on CPU
     assert _device_samples(name) == {"cpu": 1.0}
     # CPU search has no nprobe limit: the requested value is kept as asked
@@ -166,7 +168,7 @@ def test_a_fallback_restores_the_nprobe_the_clamp_changed(big_ivf, fake_gpu: lis
 
     monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no")))
     big_ivf.nprobe = 2292
-    placed, on_gpu = ix.to_gpu(big_ivf, "x")
+    placed, on_gpu = to_gpu(big_ivf, "x")
     assert not on_gpu and placed is big_ivf and big_ivf.nprobe == 2292
 
 
@@ -177,7 +179,7 @@ def test_set_search_params_on_a_gpu_index_clamps(big_ivf, monkeypatch: pytest.Mo
     # validateNProbe. ParameterSpace stores it the same way on this CPU IVF index.
     monkeypatch.setattr(faiss, "GpuParameterSpace", faiss.ParameterSpace, raising=False)
     # store/encoder/manifest are not used by set_search_params
-    loaded = ix.LoadedIndex(big_ivf, None, None, None, True, ix.IndexParams(), "gpu-ivf", 2400, 2048)  # type: ignore[arg-type]
+    loaded = LoadedIndex(big_ivf, None, None, None, True, IndexParams(), "gpu-ivf", 2400, 2048)  # type: ignore[arg-type]
     loaded.set_search_params(nprobe=3000)
     assert loaded.nprobe == 2048 == big_ivf.nprobe
     assert REGISTRY.get_sample_value("searchrl_index_nprobe", {"index": "gpu-ivf"}) == 2048
@@ -187,17 +189,17 @@ def test_set_search_params_on_a_gpu_index_clamps(big_ivf, monkeypatch: pytest.Mo
 # ------------------------------------------------------------------------------------------------------ device metric
 def test_the_metric_reports_cpu_for_a_cpu_served_index(index_dirs, encoder) -> None:  # noqa: ANN001
     for kind in ("flat", "ivfpq"):
-        loaded = ix.load_index(index_dirs[kind], encoder=encoder, use_gpu=False)
+        loaded = load_index(index_dirs[kind], encoder=encoder, use_gpu=False)
         assert loaded.name == Path(index_dirs[kind]).resolve().name
         assert _device_samples(loaded.name) == {"cpu": 1.0}
-    ivf = ix.load_index(index_dirs["ivfpq"], encoder=encoder, use_gpu=False, nprobe=7)
+    ivf = load_index(index_dirs["ivfpq"], encoder=encoder, use_gpu=False, nprobe=7)
     assert REGISTRY.get_sample_value("searchrl_index_nprobe", {"index": ivf.name}) == 7 == ivf.index.nprobe
 
 
 def test_the_metric_follows_a_reload_onto_another_device() -> None:
-    ix.record_index_device("reloaded", True)
+    record_index_device("reloaded", True)
     assert _device_samples("reloaded") == {"gpu": 1.0}
-    ix.record_index_device("reloaded", False)
+    record_index_device("reloaded", False)
     assert _device_samples("reloaded") == {"cpu": 1.0}
 
 
@@ -233,7 +235,7 @@ def test_a_gpu_without_faiss_code_is_refused_with_the_fix() -> None:
 def test_to_gpu_refuses_before_any_clone(big_ivf, fake_gpu: list[int], monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
     monkeypatch.setattr(gpu, "faiss_cuda_archs", lambda files=None: FAISS_GPU_CU12_1_14_1)
     with pytest.raises(FailedPrecondition, match="no GPU code for GPU 0 NVIDIA H200"):
-        ix.to_gpu(big_ivf, "x")
+        to_gpu(big_ivf, "x")
     assert fake_gpu == []  # nothing was cloned: no kernel ran
 
 

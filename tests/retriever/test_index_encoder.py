@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from searchrl.retriever import index as ix
+from searchrl.retriever.index.build import build_index
+from searchrl.retriever.index.load import load_index
+from searchrl.retriever.index.params import MANIFEST_FILE, read_manifest, stored_encoder_dir
 from searchrl.testing import ServiceProcess
 
 QUERIES = ["What is the population of Macau?", "Who painted the Mona Lisa?"]
@@ -32,24 +34,24 @@ def index_without_its_source_model(tmp_path_factory: pytest.TempPathFactory, wik
     keep = [ln for ln in lines if json.loads(ln)["contents"].startswith('"Macau"')] + lines[:150]
     small = root / "small.jsonl"
     small.write_text("\n".join(dict.fromkeys(keep)) + "\n", encoding="utf-8")
-    report = ix.build_index(str(small), root / "idx", model=str(source), shard_size=64, progress=False)
+    report = build_index(str(small), root / "idx", model=str(source), shard_size=64, progress=False)
     shutil.rmtree(source)
     return report.index_dir
 
 
 def test_the_build_stores_the_encoder_in_the_index_dir(index_without_its_source_model: Path) -> None:
     d = index_without_its_source_model
-    m = ix.read_manifest(d)
+    m = read_manifest(d)
     assert m.embedding_model == "minilm-private-copy" and m.encoder_dir == "model"
     assert m.embedding_model_source.endswith("minilm-private-copy")
-    assert (d / "model" / "modules.json").is_file() and ix.stored_encoder_dir(d) == d / "model"
+    assert (d / "model" / "modules.json").is_file() and stored_encoder_dir(d) == d / "model"
     assert not (d / "model.tmp").exists()
 
 
 def test_load_index_uses_the_stored_encoder_when_the_source_is_gone(
     index_without_its_source_model: Path, encoder, flat_index
 ) -> None:  # noqa: ANN001
-    loaded = ix.load_index(index_without_its_source_model, use_gpu=False)
+    loaded = load_index(index_without_its_source_model, use_gpu=False)
     assert loaded.encoder.name == "minilm-private-copy"
     # the stored weights are the model's: same vectors as the bundled MiniLM the copy came from
     assert np.allclose(loaded.encoder.encode_queries(QUERIES), encoder.encode_queries(QUERIES), atol=1e-5)
@@ -103,7 +105,7 @@ def test_a_model_that_is_not_available_offline_fails_naming_allow_download(tmp_p
     assert "cannot load embedding model 'intfloat/e5-base-v2'" in err[0]
     assert "--allow-download" in err[0] and str(empty) in err[0]
     assert "Traceback" not in done.stderr
-    assert not (out / ix.MANIFEST_FILE).exists()
+    assert not (out / MANIFEST_FILE).exists()
     assert list(empty.rglob("*.safetensors")) == []  # offline by default: nothing downloaded
 
 

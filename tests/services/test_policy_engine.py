@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from searchrl.errors import InvalidRequest
-from searchrl.services.policy.engines import TransformersEngine
+from searchrl.services.policy.engines.transformers import TransformersEngine
 
 
 @pytest.fixture(scope="module", autouse=True)

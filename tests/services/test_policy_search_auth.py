@@ -22,7 +22,7 @@ import pytest
 from searchrl.client.base import ChannelOptions
 from searchrl.client.policy import PolicyClient
 from searchrl.policy.v1 import policy_pb2_grpc
-from searchrl.services.policy.engines import TransformersEngine
+from searchrl.services.policy.engines.transformers import TransformersEngine
 from searchrl.services.policy.server import SERVICE_NAME, PolicyConfig, PolicyServicer, build_searches
 from searchrl.serving.runtime import GrpcServer, ServiceSpec
 from searchrl.testing import free_port
@@ -83,7 +83,7 @@ def make_tls(root: Path) -> dict[str, Path]:
 def secured_retriever(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, Path]]]:
     """``searchrl serve retriever`` with a bearer token and TLS; yields (target, PEM/token files)."""
     from searchrl.retriever.corpus import iter_wiki
-    from searchrl.retriever.index import build_index
+    from searchrl.retriever.index.build import build_index
 
     root = tmp_path_factory.mktemp("secured-retriever")
     files = make_tls(root)

@@ -14,7 +14,8 @@ from searchrl.agent.loop import AgentLoop, AgentLoopConfig
 from searchrl.client.policy import PolicyClient
 from searchrl.policy.v1 import policy_pb2, policy_pb2_grpc
 from searchrl.rollout.v1 import rollout_pb2
-from searchrl.services.policy.engines import RemotePolicyBackend, TransformersEngine
+from searchrl.services.policy.engines.remote import RemotePolicyBackend
+from searchrl.services.policy.engines.transformers import TransformersEngine
 from searchrl.services.policy.server import SERVICE_NAME, PolicyConfig, PolicyServicer, build_searches
 from searchrl.serving.runtime import GrpcServer, ServiceSpec
 from searchrl.testing import ServiceProcess, free_port
@@ -30,28 +31,9 @@ def engine(policy_path: str) -> Iterator[TransformersEngine]:
 
 
 @pytest.fixture(scope="module")
-def retriever(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    """A real RetrievalService over a flat index of ~200 bundled Wikipedia summaries (Eiffel Tower among them)."""
-    from searchrl.retriever.index import build_index
-
-    root = tmp_path_factory.mktemp("policy-retriever")
-    corpus = write_wiki_slice(root / "corpus.jsonl", titles={"Eiffel Tower", "Paris", "Dracula", "France"}, every=50)
-    build_index(str(corpus), root / "flat", index_type="flat", shard_size=256, progress=False)
-    with ServiceProcess("retriever", ["--index-dir", str(root / "flat"), "--http-port", "-1"], timeout_s=300) as proc:
-        yield proc
-
-
-def write_wiki_slice(path, titles: set[str], every: int):  # type: ignore[no-untyped-def]
-    """A FlashRAG jsonl corpus: the bundled summaries with these titles plus every ``every``-th other one."""
-    import json
-
-    from searchrl.retriever.corpus import iter_wiki
-
-    with open(path, "w", encoding="utf-8") as fh:
-        for i, p in enumerate(iter_wiki()):
-            if p.title in titles or i % every == 0:
-                fh.write(json.dumps({"id": p.id, "contents": p.contents}) + "\n")
-    return path
+def retriever(small_wiki_retriever: ServiceProcess) -> ServiceProcess:
+    """A real RetrievalService over ~200 bundled Wikipedia summaries (Eiffel Tower among them)."""
+    return small_wiki_retriever
 
 
 async def serve(
@@ -122,7 +104,7 @@ async def test_generate_bad_input(server: GrpcServer, kwargs: dict[str, object],
 async def test_rollout_with_real_retriever_streams_turns_and_stores(
     engine: TransformersEngine, retriever: ServiceProcess, redis_url: str, redis_client
 ) -> None:  # type: ignore[no-untyped-def]
-    from searchrl.services.rollouts import DEFAULT_STREAM, RolloutStore
+    from searchrl.services.rollouts.store import DEFAULT_STREAM, RolloutStore
 
     store = RolloutStore(redis_url)
     srv = await serve(

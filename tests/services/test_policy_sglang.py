@@ -42,7 +42,7 @@ def forward_logprobs(model_path: str, prompt: list[int], completion: list[int]) 
 async def test_in_process_engine(sglang_available: None, policy_path: str) -> None:
     from searchrl.agent.loop import AgentLoop, AgentLoopConfig
     from searchrl.agent.search import NoSearch
-    from searchrl.services.policy.engines import SGLangEngine
+    from searchrl.services.policy.engines.sglang import SGLangEngine
 
     # deterministic: SGLang uses sampling_seed only with enable_deterministic_inference (GPU audit #7).
     eng = SGLangEngine(policy_path, engine_kwargs={"dtype": "float32", "mem_fraction_static": 0.3}, deterministic=True)
@@ -117,7 +117,7 @@ def sglang_server(sglang_available: None, policy_path: str) -> Iterator[str]:
 
 
 async def test_remote_server(sglang_server: str, policy_path: str) -> None:
-    from searchrl.services.policy.engines import SGLangEngine
+    from searchrl.services.policy.engines.sglang import SGLangEngine
 
     eng = SGLangEngine(policy_path, url=sglang_server)
     try:

@@ -23,7 +23,7 @@ import grpc
 import pytest
 
 from searchrl.errors import InvalidRequest
-from searchrl.services.policy.engines import SGLangEngine
+from searchrl.services.policy.engines.sglang import SGLangEngine
 
 FAKE_ROOT = Path(__file__).resolve().parent / "fake_sglang"
 RAW_LOGPROB_ENV = "SGLANG_RETURN_ORIGINAL_LOGPROB"  # what SGLang 0.5.23's sampler.py reads

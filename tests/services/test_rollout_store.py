@@ -19,8 +19,8 @@ import pytest
 
 from searchrl.errors import Unavailable
 from searchrl.rollout.v1 import rollout_pb2
-from searchrl.services.rollouts import RolloutStore, num_searches
 from searchrl.services.rollouts.cli import main
+from searchrl.services.rollouts.store import RolloutStore, num_searches
 from searchrl.testing import free_port
 
 
@@ -104,7 +104,7 @@ async def test_read_creates_the_group_and_blocks_for_new_entries(redis_url: str)
 CONSUMER = textwrap.dedent(
     """
     import asyncio, sys, time
-    from searchrl.services.rollouts import RolloutStore
+    from searchrl.services.rollouts.store import RolloutStore
 
     async def main(url, stream):
         store = RolloutStore(url, stream)

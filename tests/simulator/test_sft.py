@@ -53,7 +53,7 @@ def test_labels_follow_answer_f1() -> None:
 
 
 async def _fill(redis_url: str, stream: str) -> None:
-    from searchrl.services.rollouts import RolloutStore
+    from searchrl.services.rollouts.store import RolloutStore
 
     async with RolloutStore(redis_url, stream=stream) as store:
         await store.add_many(TRAJECTORIES)

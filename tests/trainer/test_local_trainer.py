@@ -59,7 +59,7 @@ TIMING_DEPENDENT = {"actor/rollout_logprob_gap"}
 @pytest.fixture(scope="module")
 def index_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A real flat FAISS index over the first 300 bundled Wikipedia summaries (all-MiniLM-L6-v2)."""
-    from searchrl.retriever.index import build_index
+    from searchrl.retriever.index.build import build_index
 
     out = tmp_path_factory.mktemp("index") / "wiki300"
     build_index("wiki", out, limit=300, progress=False)
@@ -75,7 +75,7 @@ def _config(out: Path, index_dir: str, *extra: str) -> TrainConfig:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory, index_dir: str) -> tuple[Any, TrainConfig]:
     """Three GRPO steps in this process."""
-    from searchrl.trainer.local import train
+    from searchrl.trainer.local.trainer import train
 
     cfg = _config(tmp_path_factory.mktemp("run_a"), index_dir)
     seen: list[int] = []
@@ -136,7 +136,7 @@ def test_three_grpo_steps(uninterrupted: tuple[Any, TrainConfig], policy_path: s
 
 async def test_checkpoint_hot_loads_into_the_policy_engine(uninterrupted: tuple[Any, TrainConfig]) -> None:
     """The checkpoint's model folder is what the PolicyService's LoadWeights reads."""
-    from searchrl.services.policy.engines import TransformersEngine
+    from searchrl.services.policy.engines.transformers import TransformersEngine
 
     result, _ = uninterrupted
     engine = TransformersEngine(str(result.checkpoint / "model"), max_batch_size=2)
@@ -156,7 +156,7 @@ def test_stop_after_step_two_then_resume_matches(
 ) -> None:
     """A real `searchrl train` process gets SIGTERM during step 2: it finishes the step, checkpoints and exits 0.
     Resuming runs step 3 with exactly the metrics of the uninterrupted run."""
-    from searchrl.trainer.local import train
+    from searchrl.trainer.local.trainer import train
 
     result_a, _cfg_a = uninterrupted
     out = tmp_path / "run_b"
@@ -212,7 +212,7 @@ def test_loss_mask_zero_tokens_get_no_gradient(policy_path: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from searchrl.trainer import grpo
-    from searchrl.trainer.local import collate, response_logits
+    from searchrl.trainer.local.batching import collate, response_logits
 
     tok = AutoTokenizer.from_pretrained(policy_path)
     model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
@@ -273,7 +273,7 @@ def test_remote_policy_rollout_store_and_stopping_guard(tmp_path: Path, policy_p
     from searchrl.client.policy import PolicyClient
     from searchrl.services.rollouts.store import RolloutStore
     from searchrl.testing import ServiceProcess
-    from searchrl.trainer.local import train
+    from searchrl.trainer.local.trainer import train
 
     stream = f"searchrl:test:{tmp_path.name}"
     with ServiceProcess("policy", ["--model", policy_path, "--max-batch-size", "2"]) as svc:

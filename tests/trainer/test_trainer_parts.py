@@ -12,7 +12,8 @@ import torch
 from searchrl.errors import InvalidRequest
 from searchrl.reward.shaping import format_progress, load_reward_function
 from searchrl.trainer import checkpoint as ckpt
-from searchrl.trainer.local import DataCursor, collate, episode_seed
+from searchrl.trainer.local.batching import collate
+from searchrl.trainer.local.cursor import DataCursor, episode_seed
 
 
 def test_data_cursor_epochs_and_resume() -> None:
@@ -211,7 +212,7 @@ def test_shared_prompt_forward_matches_plain_forward() -> None:
     """A GRPO group's prompt computed once (KV cache, expanded) gives the same log-probs and parameter gradients as the
     plain padded forward pass."""
     from searchrl.trainer import grpo
-    from searchrl.trainer.local import response_logits
+    from searchrl.trainer.local.batching import response_logits
 
     torch.manual_seed(0)
     model, _tok = _tiny_model()

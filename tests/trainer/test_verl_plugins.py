@@ -5,7 +5,6 @@ server manager (same async ``generate`` as verl's ``LLMServerClient``, backed by
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from omegaconf import OmegaConf
 
 from searchrl.agent.loop import SearchContext, SearchOutcome
 from searchrl.rollout.v1 import rollout_pb2
-from searchrl.services.policy.engines import TransformersEngine
+from searchrl.services.policy.engines.transformers import TransformersEngine
 from searchrl.testing import ServiceProcess, free_port
 
 pytest.importorskip("verl")
@@ -97,26 +96,15 @@ def engine(policy_path: str) -> Iterator[TransformersEngine]:
 
 
 @pytest.fixture(scope="module")
-def index_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def index_dir(small_wiki_index: Path) -> Path:
     """A flat index of ~200 bundled Wikipedia summaries (Eiffel Tower among them)."""
-    from searchrl.retriever.corpus import iter_wiki
-    from searchrl.retriever.index import build_index
-
-    root = tmp_path_factory.mktemp("verl-retriever")
-    corpus = root / "corpus.jsonl"
-    with open(corpus, "w", encoding="utf-8") as fh:
-        for i, p in enumerate(iter_wiki()):
-            if p.title in {"Eiffel Tower", "Paris", "France"} or i % 50 == 0:
-                fh.write(json.dumps({"id": p.id, "contents": p.contents}) + "\n")
-    build_index(str(corpus), root / "flat", index_type="flat", shard_size=256, progress=False)
-    return root / "flat"
+    return small_wiki_index
 
 
 @pytest.fixture(scope="module")
-def retriever(index_dir: Path) -> Iterator[ServiceProcess]:
+def retriever(small_wiki_retriever: ServiceProcess) -> ServiceProcess:
     """A real RetrievalService over :func:`index_dir`."""
-    with ServiceProcess("retriever", ["--index-dir", str(index_dir), "--http-port", "-1"], timeout_s=300) as proc:
-        yield proc
+    return small_wiki_retriever
 
 
 @pytest.fixture(scope="module")

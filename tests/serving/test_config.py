@@ -4,13 +4,20 @@ kept out of logs."""
 from __future__ import annotations
 
 import logging
+import re
+from pathlib import Path
 
 import pytest
+import yaml
 
+from searchrl import stack
 from searchrl.retriever.server import RetrieverConfig
+from searchrl.services.policy.server import PolicyConfig
 from searchrl.services.reward.server import RewardConfig
 from searchrl.serving import config as cfgmod
 from searchrl.serving.runtime import ServerConfig, run_service
+from searchrl.simulator.server import SimulatorConfig
+from searchrl.trainer.config import RolloutConfig, SearchConfig
 
 
 def parse(argv: list[str], environ: dict[str, str]) -> RewardConfig:
@@ -27,6 +34,41 @@ def test_defaults_of_the_reward_service() -> None:
     cfg = parse([], {})
     assert (cfg.grpc_port, cfg.metrics_port, cfg.max_batch_size, cfg.max_response_chars) == (50051, 9091, 8192, 65536)
     assert cfg.host == "127.0.0.1"  # loopback unless told otherwise
+
+
+def test_one_table_of_default_ports() -> None:
+    """The servers' configs, ``searchrl up --fixed-ports``, the trainer's targets, the Dockerfiles and the chart all
+    use :data:`~searchrl.serving.config.DEFAULT_PORTS`."""
+    root = Path(__file__).resolve().parents[2]
+    values = yaml.safe_load((root / "deploy/helm/searchrl/values.yaml").read_text())
+    configs = {
+        "reward": RewardConfig,
+        "retriever": RetrieverConfig,
+        "simulator": SimulatorConfig,
+        "policy": PolicyConfig,
+    }
+    targets = {
+        "retriever": SearchConfig.model_fields["retriever_target"].default,
+        "simulator": SearchConfig.model_fields["simulator_target"].default,
+        "policy": RolloutConfig.model_fields["policy_target"].default,
+    }
+    assert set(cfgmod.DEFAULT_PORTS) == set(configs) == set(stack.SERVICE_ORDER)
+    assert stack.DEFAULT_PORTS is cfgmod.DEFAULT_PORTS
+    for name, (grpc_port, metrics_port) in cfgmod.DEFAULT_PORTS.items():
+        cfg = configs[name]()
+        assert (cfg.grpc_port, cfg.metrics_port) == (grpc_port, metrics_port), name
+        assert (values[name]["service"]["grpcPort"], values[name]["service"]["metricsPort"]) == (
+            grpc_port,
+            metrics_port,
+        )
+        assert targets.get(name, f"127.0.0.1:{grpc_port}") == f"127.0.0.1:{grpc_port}", name
+        dockerfiles = sorted((root / "deploy/docker").glob(f"{name}*Dockerfile"))
+        assert dockerfiles, name
+        for path in dockerfiles:
+            text = path.read_text()
+            assert re.findall(r"SEARCHRL_GRPC_PORT=(\d+)", text) == [str(grpc_port)], path.name
+            assert re.findall(r"SEARCHRL_METRICS_PORT=(\d+)", text) == [str(metrics_port)], path.name
+            assert re.search(rf"^EXPOSE {grpc_port} {metrics_port}\b", text, re.M), path.name
 
 
 def test_flag_beats_env_beats_default() -> None:

@@ -363,7 +363,7 @@ def test_extract_answer() -> None:
 
 @pytest.fixture(scope="module")
 def engine(policy_path: str):  # type: ignore[no-untyped-def]
-    from searchrl.services.policy.engines import TransformersEngine
+    from searchrl.services.policy.engines.transformers import TransformersEngine
 
     eng = TransformersEngine(policy_path, max_batch_size=8, torch_threads=1)
     yield eng

@@ -2,7 +2,7 @@
 first request: ``loop.add_signal_handler(SIGTERM, <its own handler>)``. Used by ``test_runtime.py`` as a child
 process; ``Sleep("<seconds>")`` is a call that stays in flight that long.
 
-    python tests/services/signal_hijack_server.py --grpc-port 50099 --metrics-port -1
+    python tests/serving/signal_hijack_server.py --grpc-port 50099 --metrics-port -1
 """
 
 from __future__ import annotations

@@ -172,7 +172,7 @@ async def test_redis_password_is_passed_apart_from_the_url(
     redis_with_password: tuple[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from searchrl.rollout.v1 import rollout_pb2
-    from searchrl.services.rollouts import RolloutStore
+    from searchrl.services.rollouts.store import RolloutStore
     from searchrl.serving.cache import SearchCache, make_cache
 
     url, password = redis_with_password
