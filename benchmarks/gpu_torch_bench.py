@@ -4,11 +4,11 @@ Measures, with models of the Qwen2.5-0.5B and Qwen2.5-1.5B shapes (``Qwen2Config
 heads 14/12, KV heads 2/2, intermediate 4864/8960, vocab 151936, tied embeddings) and BERT encoders of the
 all-MiniLM-L6-v2 / e5-base-v2 shapes, all randomly initialised:
 
-* ``rollout``: :class:`searchrl.services.policy.engines.TransformersEngine` (continuous batching, stop strings,
+* ``rollout``: :class:`searchrl.services.policy.engines.transformers.TransformersEngine` (continuous batching, stop strings,
   log-probs) given the model object, as the local trainer does; 1 and 16 concurrent requests, each sampling 256 tokens
   at T=1 after a 256-token prompt whose first half all rows share (the system prompt); bfloat16 weights on CUDA,
   float32 on CPU. Result: generated tokens/s.
-* ``grpo``: one GRPO update of the local trainer, ``GRPOUpdater.update`` (``searchrl.trainer.local``) on 4 questions
+* ``grpo``: one GRPO update of the local trainer, ``GRPOUpdater.update`` (``searchrl.trainer.local.update``) on 4 questions
   x 4 samples, float32 master weights + AdamW, forward passes under bfloat16 autocast (``model.dtype: bfloat16``),
   the loss from ``searchrl.trainer.grpo`` (verl ``core_algos``). Result: seconds per update (mean of 2 after a
   warm-up).
@@ -375,7 +375,7 @@ def bench_rollout(shape: LMShape, sizes: Sizes, device: str, budget: Callable[[]
     """TransformersEngine: generated tokens/s at each batch size in ``sizes.rollout_batches``."""
     import torch
 
-    from searchrl.services.policy.engines import TransformersEngine
+    from searchrl.services.policy.engines.transformers import TransformersEngine
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     dtype_name = str(dtype).replace("torch.", "")
@@ -432,7 +432,7 @@ def grpo_episodes(sizes: Sizes, vocab: int, seed: int = 0) -> list[Any]:
     Each response has an inserted ``<result>`` span (loss mask 0) in its middle, like a ReSearch episode with one
     search; rewards alternate 0/1 inside each group so every advantage is non-zero.
     """
-    from searchrl.trainer.local import EpisodeData
+    from searchrl.trainer.local.update import EpisodeData
 
     rng = random.Random(seed)
     hi = vocab - 2
@@ -463,7 +463,7 @@ def bench_grpo(shape: LMShape, sizes: Sizes, device: str, budget: Callable[[], s
     import torch
 
     from searchrl.trainer.config import TrainConfig
-    from searchrl.trainer.local import GRPOUpdater
+    from searchrl.trainer.local.update import GRPOUpdater
 
     episodes = sizes.grpo_questions * sizes.grpo_group
     row = Row(

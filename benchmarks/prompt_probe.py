@@ -32,7 +32,7 @@ async def main_async(args: argparse.Namespace) -> int:
 
     from searchrl.assets import policy_model_path
     from searchrl.reward.scoring import score
-    from searchrl.services.policy.engines import TransformersEngine
+    from searchrl.services.policy.engines.transformers import TransformersEngine
 
     rows = fanout_subquestions(args.questions, args.seed)
     engine = TransformersEngine(policy_model_path(), max_batch_size=args.questions, torch_threads=args.torch_threads)

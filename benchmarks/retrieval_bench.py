@@ -1,7 +1,7 @@
 """Retrieval benchmark: the RetrievalService (gRPC and Search-R1 HTTP) against the same model + index in-process.
 
 Over the 10,033 bundled Wikipedia summaries (all-MiniLM-L6-v2, flat index, cached under ``searchrl.assets.cache_dir()``
-by :func:`searchrl.retriever.index.ensure_wiki_index`), with FanOutQA dev sub-questions as queries, it prints:
+by :func:`searchrl.retriever.index.wiki.ensure_wiki_index`), with FanOutQA dev sub-questions as queries, it prints:
 
 1. **tuning**: query encoding of random FanOutQA batches in float32 as one padded call (sentence-transformers as
    is), in length buckets, packed without padding, packed and split over 2 single-threaded workers, and packed in one
@@ -148,7 +148,7 @@ def tuning(loaded, queries: list[str], reps: int) -> list[str]:  # noqa: ANN001 
     import faiss
     import torch
 
-    from searchrl.retriever.index import set_blas_min_batch, set_faiss_threads
+    from searchrl.retriever.index.faiss_util import set_blas_min_batch, set_faiss_threads
 
     sizes = (1, 4, 8, 16, 32)
     lines = ["", "== tuning (median ms per call)", f"{'what':<34}" + "".join(f"{f'batch {b}':>10}" for b in sizes)]
@@ -229,14 +229,11 @@ def tuning(loaded, queries: list[str], reps: int) -> list[str]:  # noqa: ANN001 
 def memory(index_dir, loaded, queries: list[str], wiki: bool) -> list[str]:  # noqa: ANN001
     from retrieval_support import measure_index_memory
 
-    from searchrl.retriever.index import (
-        IndexParams,
-        ShardSet,
-        build_from_shards,
-        ensure_wiki_index,
-        load_index,
-        recall_at_k,
-    )
+    from searchrl.retriever.index.build import ShardSet, build_from_shards
+    from searchrl.retriever.index.faiss_util import recall_at_k
+    from searchrl.retriever.index.load import load_index
+    from searchrl.retriever.index.params import IndexParams
+    from searchrl.retriever.index.wiki import ensure_wiki_index
 
     shards_json = index_dir / "embeddings" / "shards.json"
     emb_dir = index_dir / "embeddings"
@@ -329,7 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 
     from searchrl.retriever.embed import set_torch_threads
-    from searchrl.retriever.index import ensure_wiki_index, load_index, set_blas_min_batch, set_faiss_threads
+    from searchrl.retriever.index.faiss_util import set_blas_min_batch, set_faiss_threads
+    from searchrl.retriever.index.load import load_index
+    from searchrl.retriever.index.wiki import ensure_wiki_index
 
     t_start = time.perf_counter()
     index_dir = Path(args.index_dir) if args.index_dir else ensure_wiki_index("flat")

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from searchrl.retriever.index import IndexParams
 from searchrl.retriever.index.faiss_util import fit_training, load_faiss, make_index
+from searchrl.retriever.index.params import IndexParams
 
 
 def cpu_has_native_bf16() -> bool:

@@ -69,7 +69,7 @@ def resolve_index(arg: str, titles: set[str], slice_size: int) -> str:
     if (wiki / "manifest.json").exists():
         return str(wiki)
     from searchrl.retriever.corpus import iter_wiki
-    from searchrl.retriever.index import build_index
+    from searchrl.retriever.index.build import build_index
 
     root = cache_dir() / "indexes" / f"rollout-bench-slice-{slice_size}"
     if (root / "flat" / "manifest.json").exists():
@@ -140,7 +140,7 @@ async def one_run(engine: Any, search: Any, cfg: AgentLoopConfig, requests: list
 
 async def main_async(args: argparse.Namespace) -> int:
     from searchrl.assets import policy_model_path
-    from searchrl.services.policy.engines import TransformersEngine
+    from searchrl.services.policy.engines.transformers import TransformersEngine
     from searchrl.testing import ServiceProcess
 
     rows = fanout_subquestions(args.episodes, args.seed)

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     from searchrl.trainer.config import load_config
-    from searchrl.trainer.local import train
+    from searchrl.trainer.local.trainer import train
 
     console = Console(width=170)
     with tempfile.TemporaryDirectory(prefix="searchrl-train-bench-") as tmp:
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads:
             overrides.append(f"model.torch_threads={args.threads}")
         if args.search == "inprocess":
-            from searchrl.retriever.index import build_index
+            from searchrl.retriever.index.build import build_index
 
             t = time.perf_counter()
             build_index("wiki", Path(tmp) / "index", limit=args.index_docs, progress=False)

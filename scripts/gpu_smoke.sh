@@ -38,7 +38,7 @@ stages (image: what it proves [audit finding in ../shared/reviews/gpu-path-audit
           CUDA 13 torch wheels (>= 525 for CUDA 12; SEARCHRL_SMOKE_MIN_DRIVER overrides); torch sees the GPU, was
           built for its compute capability, and runs a bf16 matmul on it [#14]. ~10 s / 60 s
   faiss   retriever image (faiss-gpu): a Flat and an IVF-PQ index cloned to the GPU by
-          searchrl.retriever.index.to_gpu, the IVF-PQ one with nprobe 2292 > 2048 (the wiki-18 preset's auto value),
+          searchrl.retriever.index.faiss_util.to_gpu, the IVF-PQ one with nprobe 2292 > 2048 (the wiki-18 preset's auto value),
           which must stay on the GPU after the clamp and match the CPU results; then
           `pytest -m gpu tests/retriever/test_gpu.py` (Flat/IVF-PQ on GPU vs CPU, fp16 encoder) [#4 sm_90 kernels,
           #6 nprobe]. ~1.5 min / 300 s
@@ -291,7 +291,7 @@ import time
 import numpy as np
 import faiss
 
-from searchrl.retriever.index import to_gpu
+from searchrl.retriever.index.faiss_util import to_gpu
 
 t0 = time.perf_counter()
 print(f"faiss {faiss.__version__}, {faiss.get_num_gpus()} GPU(s)")

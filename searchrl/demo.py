@@ -198,7 +198,7 @@ async def _evaluate(
     from searchrl.agent.search import RetrieverSearch
     from searchrl.client.policy import PolicyClient
     from searchrl.evaluator.driver import evaluate
-    from searchrl.services.policy.engines import RemotePolicyBackend
+    from searchrl.services.policy.engines.remote import RemotePolicyBackend
 
     async with PolicyClient(endpoints["policy"]) as pc:
         policy = RemotePolicyBackend(pc, tokenizer)
@@ -396,7 +396,7 @@ def write_report(
         md += [
             f"**Q:** {t.get('question', '')}  ",
             f"**gold:** {t.get('golden_answers', '')} — **reward** {_fmt(t.get('reward'))}, "
-            f"**searches** {len(t.get('searches', []))}: {t.get('searches', [])}",
+            f"**searches** {len(t.get('searches', []))}: {[x['query'] for x in t.get('searches', [])]}",
             "",
             "```text",
             str(t.get("response", t.get("response_text", "")))[:2500],
@@ -437,7 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         stages.start("policy model and Wikipedia index")
         from searchrl.assets import policy_model_path
-        from searchrl.retriever.index import ensure_wiki_index
+        from searchrl.retriever.index.wiki import ensure_wiki_index
 
         model_dir = policy_model_path()
         index_dir = ensure_wiki_index("flat")
@@ -477,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stages.say(before.markdown() if hasattr(before, "markdown") else str(before))
 
         stages.start(f"GRPO training: {a.steps} steps x {a.batch_size} questions x group {a.group_size}")
-        from searchrl.trainer.local import train
+        from searchrl.trainer.local.trainer import train
 
         cfg = _train_config(a, endpoints, prepared.train_path, mlflow_uri)
 

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from searchrl.serving.config import DEFAULT_PORTS
 from searchrl.serving.process import (
     free_port,
     poll_until,
@@ -38,12 +39,6 @@ from searchrl.serving.process import (
 log = logging.getLogger("searchrl.stack")
 
 SERVICE_ORDER = ("reward", "retriever", "simulator", "policy")
-DEFAULT_PORTS = {
-    "reward": (50051, 9091),
-    "retriever": (50052, 9092),
-    "simulator": (50053, 9093),
-    "policy": (50054, 9094),
-}
 
 
 @dataclass
@@ -70,7 +65,7 @@ class StackConfig:
         simulator_model: simulation LLM name/path (default: the same embedded model).
         redis: start a private redis-server (True) or use ``redis_url`` as given (False).
         redis_url: Redis URL when ``redis`` is False.
-        fixed_ports: use the services' default ports (50051...) instead of free ones.
+        fixed_ports: use the services' default ports (``DEFAULT_PORTS``: reward 50051, ...) instead of free ones.
         threads_per_service: torch/OpenMP threads of each model-serving child (1 suits a laptop running everything).
     """
 
@@ -308,7 +303,7 @@ def up_main(argv: Sequence[str] | None = None) -> int:
         p.error(f"unknown services: {sorted(unknown)}")
     index_dir = a.index_dir
     if "retriever" in services and not index_dir:
-        from searchrl.retriever.index import ensure_wiki_index
+        from searchrl.retriever.index.wiki import ensure_wiki_index
 
         index_dir = str(ensure_wiki_index("flat"))
     cfg = StackConfig(

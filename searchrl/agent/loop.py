@@ -27,9 +27,10 @@ import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from google.protobuf.json_format import MessageToDict, ParseDict
 from prometheus_client import Counter
 
 from searchrl.agent.prompts import TagProtocol, get_protocol, render_prompt
@@ -69,7 +70,7 @@ class GenerationOutput:
 class GenerationBackend(Protocol):
     """What the agent loop needs from a policy: a tokenizer and async token-level generation.
 
-    Implemented by ``searchrl.services.policy.engines.TransformersEngine`` (CPU), ``SGLangEngine`` (GPU),
+    Implemented by ``searchrl.services.policy.engines.transformers.TransformersEngine`` (CPU), ``SGLangEngine`` (GPU),
     ``RemotePolicyBackend`` (the PolicyService) and the verl server-manager adapter.
     """
 
@@ -164,17 +165,6 @@ class SearchRecord:
         trainer counts against ``guards.search_failure`` / ``SEARCHRL_MAX_SEARCH_FAILURE_RATIO``."""
         return self.outcome in ("error", "timeout")
 
-    def to_proto(self) -> rollout_pb2.SearchCall:
-        """As a ``SearchCall`` message."""
-        return rollout_pb2.SearchCall(
-            query=self.query,
-            documents=self.documents,
-            backend=self.backend,
-            latency_ms=self.latency_ms,
-            cache_hit=self.cache_hit,
-            error=self.error,
-        )
-
 
 @dataclass
 class TurnRecord:
@@ -197,17 +187,8 @@ class TurnRecord:
     generated_tokens: int
 
     def to_proto(self) -> rollout_pb2.Turn:
-        """As a ``Turn`` message."""
-        msg = rollout_pb2.Turn(
-            index=self.index,
-            generated_text=self.generated_text,
-            observation_text=self.observation_text,
-            finish_reason=self.finish_reason,
-            generated_tokens=self.generated_tokens,
-        )
-        if self.search is not None:
-            msg.search.CopyFrom(self.search.to_proto())
-        return msg
+        """As a ``Turn`` message (from the same dict as :meth:`Episode.to_record`)."""
+        return ParseDict(asdict(self, dict_factory=_json_safe), rollout_pb2.Turn(), ignore_unknown_fields=True)
 
 
 @dataclass
@@ -243,36 +224,36 @@ class Episode:
         """Searches made (including failed ones)."""
         return len(self.searches)
 
+    def to_record(self) -> dict[str, Any]:
+        """The episode as a JSON-safe dict: the one serialisation that the ``Trajectory`` message, ``trajectories.jsonl``
+        rows, evaluation records and rollout-export rows derive from.
+
+        Its keys are the attributes above; ``turns`` and ``searches`` hold dicts of :class:`TurnRecord` /
+        :class:`SearchRecord` (a turn without a search has ``search: None``), documents are ``Document`` messages in
+        proto3 JSON (proto field names, default values included). Apart from ``searches``, ``ended_with_eos`` and
+        ``outcome``, it is the proto3 JSON form of :meth:`to_proto`'s message.
+        """
+        return asdict(self, dict_factory=_json_safe)
+
     def to_proto(self, reward: float = 0.0, group_index: int = 0) -> rollout_pb2.Trajectory:
-        """As a ``Trajectory`` message (what the rollout stream stores).
+        """As a ``Trajectory`` message (what the rollout stream stores): :meth:`to_record` parsed as proto3 JSON.
 
         Args:
             reward: scalar reward of the episode.
             group_index: index of the GRPO group within a batch.
         """
-        return rollout_pb2.Trajectory(
-            id=self.id,
-            question_id=self.question_id,
-            question=self.question,
-            golden_answers=self.golden_answers,
-            prompt_ids=self.prompt_ids,
-            response_ids=self.response_ids,
-            loss_mask=self.loss_mask,
-            response_logprobs=self.response_logprobs,
-            response_text=self.response_text,
-            reward=reward,
-            turns=[t.to_proto() for t in self.turns],
-            finish_reason=self.finish_reason,
-            policy_version=self.policy_version,
-            group_index=group_index,
-            timings=rollout_pb2.Timings(
-                generation_ms=self.timings.get("generation_ms", 0.0),
-                search_ms=self.timings.get("search_ms", 0.0),
-                reward_ms=self.timings.get("reward_ms", 0.0),
-                total_ms=self.timings.get("total_ms", 0.0),
-            ),
-            answer=self.answer,
-        )
+        record = {**self.to_record(), "reward": reward, "group_index": group_index}
+        return ParseDict(record, rollout_pb2.Trajectory(), ignore_unknown_fields=True)
+
+
+def _json_safe(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``dataclasses.asdict`` factory of the records: ``Document`` messages as proto3 JSON dicts."""
+    return {
+        k: [MessageToDict(d, preserving_proto_field_name=True, always_print_fields_with_no_presence=True) for d in v]
+        if k == "documents"
+        else v
+        for k, v in pairs
+    }
 
 
 # --------------------------------------------------------------------------------------------------- helpers

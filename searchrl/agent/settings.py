@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 from typing import Annotated, Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from typing_extensions import Self
 
@@ -151,12 +152,13 @@ TRUNCATE_SIDES = ("left", "right", "middle")
 
 
 def episode_seed(seed: int, *keys: int | str) -> int:
-    """Seed of one episode, a pure function of a base seed and keys (step, slot, sample, dataset, example id ...).
+    """Seed of one episode, a pure function of a base seed and keys (step, question slot, sample; dataset, example id
+    ...): the first word of numpy's ``SeedSequence`` of them, a string key entering as the integer of its sha256.
 
     It depends neither on concurrency nor on order, so resumed and re-run episodes sample alike.
 
     Returns:
-        An integer in ``[0, 2**31)``.
+        An integer in ``[0, 2**32)``.
     """
-    digest = hashlib.sha256("\x00".join(str(k) for k in (seed, *keys)).encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+    entropy = [k if isinstance(k, int) else int(hashlib.sha256(k.encode()).hexdigest(), 16) for k in (seed, *keys)]
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint32)[0])

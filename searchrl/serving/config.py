@@ -27,6 +27,14 @@ from pydantic_core import PydanticUndefined
 from pydantic_settings import BaseSettings, CliSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "SEARCHRL_"
+DEFAULT_PORTS = {
+    "reward": (50051, 9091),
+    "retriever": (50052, 9092),
+    "simulator": (50053, 9093),
+    "policy": (50054, 9094),
+}
+"""Default (gRPC, metrics) ports of each server: its config's ``grpc_port``/``metrics_port``, ``searchrl up
+--fixed-ports``, the Dockerfiles' ``ENV`` and the chart's ``service`` values (tests/serving/test_config.py checks)."""
 
 
 def field(default: Any = PydanticUndefined, *, help: str, secret: bool = False, default_factory: Any = None) -> Any:  # noqa: A002
@@ -86,6 +94,13 @@ class ServerConfig(BaseSettings):
     )
     cache_ttl_s: int = field(7 * 24 * 3600, help="TTL of search-cache entries, in seconds.")
     log_level: str = field("INFO", help="Python log level.")
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        """A server's ``grpc_port``/``metrics_port`` default to its :data:`DEFAULT_PORTS` row (``RewardConfig``: reward)."""
+        if ports := DEFAULT_PORTS.get(cls.__name__.removesuffix("Config").lower()):
+            cls.model_fields["grpc_port"].default, cls.model_fields["metrics_port"].default = ports
+            cls.model_rebuild(force=True)
 
     @classmethod
     def settings_customise_sources(

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from searchrl.agent.settings import episode_seed
 from searchrl.errors import InvalidRequest
 from searchrl.reward.shaping import format_progress, load_reward_function
 from searchrl.trainer import checkpoint as ckpt
 from searchrl.trainer.local.batching import collate
-from searchrl.trainer.local.cursor import DataCursor, episode_seed
+from searchrl.trainer.local.cursor import DataCursor
 
 
 def test_data_cursor_epochs_and_resume() -> None:

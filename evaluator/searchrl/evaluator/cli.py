@@ -220,7 +220,7 @@ async def _open_policy(
         from transformers import AutoTokenizer
 
         from searchrl.client.policy import PolicyClient
-        from searchrl.services.policy.engines import RemotePolicyBackend
+        from searchrl.services.policy.engines.remote import RemotePolicyBackend
 
         client = PolicyClient(args.policy_target, dataclasses.replace(options, timeout_s=600.0))
         stack.push_async_callback(client.close)

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field
 
-from searchrl.agent.loop import AgentLoop, SearchContext, SearchRecord
+from searchrl.agent.loop import AgentLoop, Episode, SearchContext, SearchRecord, TurnRecord
 from searchrl.agent.settings import AgentSettings, Temperature, episode_seed
 from searchrl.data.datasets import Example
 from searchrl.errors import InvalidRequest
@@ -73,18 +73,6 @@ def resolve_methods(methods: Sequence[str] | str, has_search: bool) -> list[str]
     return flat
 
 
-def _search_entry(s: SearchRecord) -> dict[str, Any]:
-    """A search as stored in a record."""
-    return {
-        "query": s.query,
-        "backend": s.backend,
-        "titles": [d.title for d in s.documents],
-        "latency_ms": round(s.latency_ms, 2),
-        "cache_hit": s.cache_hit,
-        "error": s.error,
-    }
-
-
 class Evaluator:
     """Runs methods over datasets against one policy backend and one search backend.
 
@@ -104,25 +92,7 @@ class Evaluator:
         self.search_name = search_name or ("none" if search is None else type(search).__name__)
         self.agent = AgentLoop(policy, search, config)
 
-    def _record(
-        self, response: str, golds: Sequence[str], searches: list[SearchRecord], *, ended_with_eos: bool, **fields: Any
-    ) -> dict[str, Any]:
-        """Format validity (reward-library ``scheme``), EM/F1/accuracy of the answer the scheme extracts, the
-        searches and the other record ``fields``."""
-        res = score(response, list(golds), scheme=self.config.scheme, ended_with_eos=ended_with_eos)
-        return {
-            "answer": res.answer or "",
-            "reward": float(res.reward),
-            "format_valid": bool(res.format_ok),
-            "format_error": str(res.format_error or ""),
-            **answer_scores(res.answer or "", golds),
-            "response": response,
-            "searches": [_search_entry(s) for s in searches],
-            "num_searches": len(searches),
-            **fields,
-        }
-
-    async def _run_baseline(self, method: str, ex: Example, seed: int) -> dict[str, Any]:
+    async def _run_baseline(self, method: str, ex: Example, seed: int) -> Episode:
         c = self.config
         searches: list[SearchRecord] = []
         if method == "rag":
@@ -158,42 +128,34 @@ class Evaluator:
             stop=("</answer>",),
             seed=seed,
         )
+        n = len(out.token_ids)
+        search = searches[0] if searches else None
         # A stop at </answer> is where the episode ends (as the agent loop does); only "length" is cut short.
-        return self._record(
-            prefix + out.text,
-            ex.golden_answers,
-            searches,
-            ended_with_eos=out.finish_reason in ("stop", "eos"),
-            turns=1,
-            prompt_tokens=len(prompt_ids),
-            response_tokens=len(out.token_ids),
-            generated_tokens=len(out.token_ids),
+        return Episode(
+            question_id=ex.id,
+            question=ex.question,
+            golden_answers=[],
+            prompt_ids=list(prompt_ids),
+            response_ids=list(out.token_ids),
+            loss_mask=[1] * n,
+            response_logprobs=list(out.logprobs),
+            response_text=prefix + out.text,
+            turns=[TurnRecord(0, out.text, "", search, out.finish_reason, n)],
+            searches=searches,
             finish_reason=out.finish_reason,
-            generation_ms=round((time.perf_counter() - t1) * 1000, 2),
-            search_ms=round(searches[0].latency_ms, 2) if searches else 0.0,
+            ended_with_eos=out.finish_reason in ("stop", "eos"),
+            answer="",
+            timings={
+                "generation_ms": (time.perf_counter() - t1) * 1000,
+                "search_ms": search.latency_ms if search else 0.0,
+            },
             policy_version=out.policy_version,
         )
 
-    async def _run_agent(self, ex: Example, seed: int) -> dict[str, Any]:
-        # Gold answers stay out of the episode so no search backend (e.g. a simulator) can see them; we score here.
-        ep = await self.agent.run(ex.question, (), question_id=ex.id, seed=seed)
-        return self._record(
-            ep.response_text,
-            ex.golden_answers,
-            ep.searches,
-            ended_with_eos=ep.ended_with_eos,
-            turns=len(ep.turns),
-            prompt_tokens=len(ep.prompt_ids),
-            response_tokens=len(ep.response_ids),
-            generated_tokens=int(sum(ep.loss_mask)),
-            finish_reason=ep.finish_reason,
-            generation_ms=round(float(ep.timings.get("generation_ms", 0.0)), 2),
-            search_ms=round(float(ep.timings.get("search_ms", 0.0)), 2),
-            policy_version=ep.policy_version,
-        )
-
     async def run_example(self, method: str, ex: Example, dataset: str) -> dict[str, Any]:
-        """Evaluates one example with one method and returns its record (see ``records.jsonl`` fields).
+        """Evaluates one example with one method and returns its record (see ``records.jsonl`` fields): the
+        episode's :meth:`~searchrl.agent.loop.Episode.to_record` summed up (token counts, searches with their
+        document titles) and scored against the gold answers with the reward-library ``scheme``.
 
         Raises:
             InvalidRequest: unknown method, or ``rag`` without a search backend.
@@ -202,18 +164,39 @@ class Evaluator:
         seed = episode_seed(self.config.seed, dataset, ex.id)
         t0 = time.perf_counter()
         if method in ("direct", "rag"):
-            body = await self._run_baseline(method, ex, seed)
+            ep = await self._run_baseline(method, ex, seed)
         elif method == "agent":
-            body = await self._run_agent(ex, seed)
+            # Gold answers stay out of the episode so no search backend (e.g. a simulator) can see them; we score here.
+            ep = await self.agent.run(ex.question, (), question_id=ex.id, seed=seed)
         else:
             raise InvalidRequest(f"unknown method {method!r}; expected one of {METHOD_ORDER}")
+        rec = ep.to_record()
+        res = score(rec["response_text"], list(ex.golden_answers), self.config.scheme, rec["ended_with_eos"])
         return {
             "dataset": dataset,
             "method": method,
             "id": ex.id,
             "question": ex.question,
             "golden_answers": list(ex.golden_answers),
-            **body,
+            "answer": res.answer or "",
+            "reward": float(res.reward),
+            "format_valid": bool(res.format_ok),
+            "format_error": str(res.format_error or ""),
+            **answer_scores(res.answer or "", ex.golden_answers),
+            "response": rec["response_text"],
+            "searches": [
+                {k: v for k, v in s.items() if k != "documents"}
+                | {"titles": [d["title"] for d in s["documents"]], "latency_ms": round(s["latency_ms"], 2)}
+                for s in rec["searches"]
+            ],
+            "num_searches": len(rec["searches"]),
+            "turns": len(rec["turns"]),
+            "prompt_tokens": len(rec["prompt_ids"]),
+            "response_tokens": len(rec["response_ids"]),
+            "generated_tokens": sum(rec["loss_mask"]),
+            "finish_reason": rec["finish_reason"],
+            **{k: round(float(rec["timings"].get(k, 0.0)), 2) for k in ("generation_ms", "search_ms")},
+            "policy_version": rec["policy_version"],
             "latency_ms": round((time.perf_counter() - t0) * 1000, 2),
             "seed": seed,
             "search_backend": self.search_name if method != "direct" else "none",

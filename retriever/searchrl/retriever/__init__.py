@@ -26,7 +26,7 @@ __all__ = ["ensure_wiki_index", "load_index", "build_index"]
 
 def __getattr__(name: str) -> Any:  # lazy: keep ``import searchrl.retriever`` cheap
     if name in __all__:
-        from searchrl.retriever import index
+        from searchrl.retriever.index import build, load, wiki
 
-        return getattr(index, name)
+        return getattr({"build_index": build, "load_index": load, "ensure_wiki_index": wiki}[name], name)
     raise AttributeError(name)

@@ -71,7 +71,8 @@ def load_eval_queries(spec: str, limit: int, seed: int = 0) -> list[str]:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from searchrl.retriever.index import IndexParams, build_index
+    from searchrl.retriever.index.build import build_index
+    from searchrl.retriever.index.params import IndexParams
 
     params = IndexParams(
         hnsw_m=args.hnsw_m,
@@ -110,7 +111,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from searchrl.retriever.index import ShardSet, load_index, read_manifest, recall_at_k, set_faiss_threads
+    from searchrl.retriever.index.build import ShardSet
+    from searchrl.retriever.index.faiss_util import recall_at_k, set_faiss_threads
+    from searchrl.retriever.index.load import load_index
+    from searchrl.retriever.index.params import read_manifest
 
     set_faiss_threads(args.faiss_threads)
     approx = load_index(args.index_dir, use_gpu=False, torch_threads=args.torch_threads)
@@ -167,7 +171,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from searchrl.retriever.index import read_manifest
+    from searchrl.retriever.index.params import read_manifest
 
     m = read_manifest(args.index_dir)
     d = Path(args.index_dir)

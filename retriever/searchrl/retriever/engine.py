@@ -29,7 +29,8 @@ from prometheus_client import Counter, Histogram
 from searchrl.errors import InvalidRequest
 from searchrl.retrieval.v1 import retrieval_pb2
 from searchrl.retriever.batcher import MicroBatcher
-from searchrl.retriever.index import LoadedIndex, set_faiss_threads
+from searchrl.retriever.index.faiss_util import set_faiss_threads
+from searchrl.retriever.index.load import LoadedIndex
 from searchrl.rollout.v1 import rollout_pb2
 
 log = logging.getLogger("searchrl.retriever.engine")
@@ -109,7 +110,7 @@ class _Job:
 
 
 class RetrievalEngine:
-    """Validated, cached, micro-batched search over a :class:`~searchrl.retriever.index.LoadedIndex`.
+    """Validated, cached, micro-batched search over a :class:`~searchrl.retriever.index.load.LoadedIndex`.
 
     Args:
         index: the loaded index (model, FAISS index, passages).

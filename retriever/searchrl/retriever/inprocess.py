@@ -12,7 +12,8 @@ from pathlib import Path
 
 from searchrl.agent.loop import SearchContext, SearchOutcome
 from searchrl.retriever.engine import RetrievalEngine
-from searchrl.retriever.index import load_index, resolve_index_dir
+from searchrl.retriever.index.load import load_index
+from searchrl.retriever.index.wiki import resolve_index_dir
 
 
 class InProcessRetriever:
@@ -38,7 +39,7 @@ class InProcessRetriever:
         Args:
             spec: an index directory written by ``searchrl index build``, or ``wiki``/``wiki:<type>``/empty/``None``
                 for the bundled Wikipedia summaries index, built and cached on first use
-                (:func:`~searchrl.retriever.index.resolve_index_dir`).
+                (:func:`~searchrl.retriever.index.wiki.resolve_index_dir`).
             torch_threads: threads of the query encoder (0: torch's default).
 
         Raises:

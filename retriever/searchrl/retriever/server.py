@@ -32,8 +32,6 @@ SERVICE_NAME = retrieval_pb2.DESCRIPTOR.services_by_name["RetrievalService"].ful
 class RetrieverConfig(ServerConfig):
     """Settings of the RetrievalService (flags ``--index-dir`` ..., env ``SEARCHRL_RETRIEVER_INDEX_DIR`` ...)."""
 
-    grpc_port: int = field(50052, help="gRPC port; 0 picks a free port.")
-    metrics_port: int = field(9092, help="Prometheus /metrics HTTP port; 0 picks a free port, -1 disables.")
     http_port: int = field(
         8000,
         help="Search-R1/FlashRAG-compatible HTTP port (/retrieve, /search, /batch_search, /health); 0 picks a free port, -1 disables. Uses the gRPC port's bearer token (all routes but /health) and TLS certificate.",
@@ -85,9 +83,10 @@ class RetrieverConfig(ServerConfig):
 
 
 def _load(config: RetrieverConfig):  # noqa: ANN202 - LoadedIndex, imported lazily
-    from searchrl.retriever import index as ix
+    from searchrl.retriever.index.load import LoadOptions, load_index, load_raw_index
+    from searchrl.retriever.index.wiki import resolve_index_dir
 
-    options = ix.LoadOptions(
+    options = LoadOptions(
         use_gpu=None if config.use_gpu else False,
         nprobe=config.nprobe,
         ef_search=config.ef_search,
@@ -101,15 +100,15 @@ def _load(config: RetrieverConfig):  # noqa: ANN202 - LoadedIndex, imported lazi
             raise FailedPrecondition("give either --index-dir or --index-path, not both")
         if not config.corpus_path:
             raise FailedPrecondition("--index-path needs --corpus-path (the corpus jsonl the index was built from)")
-        return ix.load_raw_index(config.index_path, config.corpus_path, config.embedding_model, options)
+        return load_raw_index(config.index_path, config.corpus_path, config.embedding_model, options)
     if not config.index_dir:
         raise FailedPrecondition(
             "no index: pass --index-dir DIR (from 'searchrl index build'), --index-dir wiki, or --index-path/--corpus-path"
         )
-    index_dir = ix.resolve_index_dir(config.index_dir, model=config.embedding_model)
+    index_dir = resolve_index_dir(config.index_dir, model=config.embedding_model)
     if not index_dir.is_dir():
         raise FailedPrecondition(f"index directory {index_dir} does not exist")
-    return ix.load_index(index_dir, config.embedding_model, options)
+    return load_index(index_dir, config.embedding_model, options)
 
 
 class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
@@ -142,7 +141,7 @@ async def build_engine(config: RetrieverConfig):  # noqa: ANN201 - RetrievalEngi
     import asyncio
 
     from searchrl.retriever.engine import EngineLimits, RetrievalEngine
-    from searchrl.retriever.index import set_blas_min_batch, set_faiss_threads
+    from searchrl.retriever.index.faiss_util import set_blas_min_batch, set_faiss_threads
     from searchrl.serving.cache import make_cache
 
     set_faiss_threads(config.faiss_threads)  # this thread; the search worker sets its own (EngineLimits)

@@ -235,7 +235,7 @@ class RolloutRequest(_message.Message):
     search_backend: _builtins.str
     """Search backend: "retriever", "simulator" or "none"."""
     top_k: _builtins.int
-    """Documents per search (top-k); 0 means 5."""
+    """Documents per search (top-k); 0 means the server default."""
     max_turns: _builtins.int
     """Maximum assistant turns; 0 means the server default."""
     max_response_tokens: _builtins.int

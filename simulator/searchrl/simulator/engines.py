@@ -11,7 +11,7 @@ string (OpenAI semantics), and report how many tokens were generated (the cost c
 ``searchrl_simulator_engine_tokens_total``).
 
 * :class:`TransformersSimulationEngine` - the embedded CPU default, on the shared continuous-batching
-  :class:`searchrl.services.policy.engines.TransformersEngine`: concurrent ``generate`` calls (from concurrent gRPC
+  :class:`searchrl.services.policy.engines.transformers.TransformersEngine`: concurrent ``generate`` calls (from concurrent gRPC
   requests) are decoded together in one running batch, each row with its own seeded sampler.
 * :class:`VLLMSimulationEngine` - an in-process ``vllm.v1.engine.async_llm.AsyncLLM`` on a GPU; vLLM batches
   concurrent requests itself. Imported lazily.
@@ -164,7 +164,7 @@ def render_chat(tokenizer: Any, messages: Sequence[Message]) -> str:
 
 # --------------------------------------------------------------------------------------------------- transformers
 class TransformersSimulationEngine(SimulationEngine):
-    """CPU simulation on the shared continuous-batching :class:`~searchrl.services.policy.engines.TransformersEngine`.
+    """CPU simulation on the shared continuous-batching :class:`~searchrl.services.policy.engines.transformers.TransformersEngine`.
 
     Args:
         model: checkpoint directory (``searchrl.assets.policy_model_path()`` for the embedded SmolLM2-135M-Instruct,
@@ -190,7 +190,7 @@ class TransformersSimulationEngine(SimulationEngine):
         batch_wait_ms: float = 5.0,
         torch_threads: int = 0,
     ) -> None:
-        from searchrl.services.policy.engines import TransformersEngine
+        from searchrl.services.policy.engines.transformers import TransformersEngine
 
         if isinstance(model, TransformersEngine):
             self.engine = model

@@ -67,8 +67,6 @@ _QUALITY_OF = {v: k for k, v in _PROTO_QUALITY.items()}
 class SimulatorConfig(ServerConfig):
     """Settings of ``searchrl serve simulator`` (flags ``--top-k`` ..., env ``SEARCHRL_SIMULATOR_TOP_K`` ...)."""
 
-    grpc_port: int = field(50053, help="gRPC port; 0 picks a free port.")
-    metrics_port: int = field(9093, help="Prometheus /metrics HTTP port; 0 picks a free port, -1 disables.")
     engine: str = field(
         "transformers", help="Simulation engine: transformers (CPU), vllm (GPU, in-process) or openai (remote servers)."
     )

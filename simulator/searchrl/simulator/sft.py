@@ -5,7 +5,7 @@ ZeroSearch makes a model a better search simulator with a light SFT: collect tra
 documents, those of trajectories that got it wrong examples of NOISY ones. The examples use the very prompt the
 simulator serves with (:func:`searchrl.simulator.prompts.sft_messages`), conditioned on the question and gold answer.
 
-* :func:`collect_sft_rows` reads the rollout store (:class:`searchrl.services.rollouts.RolloutStore`), keeps
+* :func:`collect_sft_rows` reads the rollout store (:class:`searchrl.services.rollouts.store.RolloutStore`), keeps
   searches answered by the real retriever (``SearchCall.backend == "retriever"``, no error, at least one document),
   labels each by the trajectory's answer F1 against its gold answers (SQuAD-normalised token F1,
   :func:`searchrl.reward.scoring.f1_score`): USEFUL when ``F1 >= useful_min_f1``, NOISY when
@@ -171,7 +171,7 @@ async def collect_sft_rows(
     Raises:
         searchrl.errors.Unavailable: Redis is down.
     """
-    from searchrl.services.rollouts import RolloutStore
+    from searchrl.services.rollouts.store import RolloutStore
 
     stats = CollectStats()
     rows: list[dict[str, Any]] = []

@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from rich.console import Console
 
-    from searchrl.trainer.local import train
+    from searchrl.trainer.local.trainer import train
 
     console = Console(stderr=True)
 

@@ -1,4 +1,21 @@
-"""FAISS helpers: index construction, thread and BLAS settings, GPU placement, device metrics, recall."""
+"""FAISS helpers: index construction, thread and BLAS settings, GPU placement, device metrics, recall.
+
+Index types (inner product on unit vectors = cosine):
+
+* ``flat``: ``IndexFlatIP``, exact; ``4 d`` bytes per passage (Search-R1's ``e5_Flat.index``: 21M x 768 x 4 = 65 GB).
+* ``hnsw``: ``IndexHNSWFlat`` (Malkov & Yashunin, arXiv 1603.09320) with ``METRIC_INNER_PRODUCT``; graph of ``M``
+  neighbours per node; fast CPU search; the full vectors are kept, so memory is ``4 d + ~8 M`` bytes per passage.
+* ``ivfpq``: ``IndexIVFPQ`` (Jegou et al., "Product quantization for nearest neighbor search", TPAMI 2011): a coarse
+  k-means of ``nlist`` cells, residuals coded with ``m`` sub-quantizers of ``nbits`` bits; ``m nbits / 8 + 8`` bytes
+  per passage (the 8 is the stored id), the option that fits 21M passages in a few GB.
+
+GPU (faiss-gpu present and ``faiss.get_num_gpus() > 0``): flat and IVF-PQ are cloned to every GPU with
+``index_cpu_to_all_gpus`` in float16 and sharded (``GpuMultipleClonerOptions.shard = True``), as Search-R1 does for
+its flat index; HNSW has no GPU implementation and stays on CPU. Before cloning, IVF ``nprobe`` is clamped to
+faiss-gpu's limit of 2048 (:data:`~searchrl.retriever.gpu.GPU_MAX_NPROBE`) and GPUs the installed faiss has no code
+for are refused (:mod:`searchrl.retriever.gpu`). Each loaded index exports
+``searchrl_index_device_info{index,device="gpu"|"cpu"} = 1`` and, for IVF, ``searchrl_index_nprobe{index}``.
+"""
 
 from __future__ import annotations
 

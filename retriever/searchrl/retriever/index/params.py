@@ -1,4 +1,14 @@
-"""Index parameters and the manifest of an index directory (see :mod:`searchrl.retriever.index`)."""
+"""Index parameters and the manifest of an index directory.
+
+An index directory holds::
+
+    manifest.json      IndexManifest: embedding model, dimension, size, index type, corpus checksum, params, faiss
+    index.faiss        the FAISS index (faiss.write_index)
+    store/             the PassageStore (memory-mapped passages, see searchrl.retriever.corpus)
+    model/             the query/passage encoder the index was built with (sentence-transformers ``save``); loading
+                       uses it, offline, so a served index never needs the model hub or the build's model path
+    embeddings/        shard_00000.npy ... (float32, unit-norm rows) + shards.json; a rerun skips finished shards
+"""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ from prometheus_client import Counter
 
 from searchrl.agent.loop import AgentLoop, AgentLoopConfig, Episode, GenerationOutput, SearchBackend, TurnRecord
 from searchrl.agent.search import SearchSpec, build_search_backend
-from searchrl.agent.settings import SamplingParams
+from searchrl.agent.settings import AgentSettings, SamplingParams
 from searchrl.client.base import BaseClient, ChannelOptions
 from searchrl.client.retrieval import RetrievalClient
 from searchrl.client.simulation import SimulatorClient
@@ -35,8 +35,8 @@ from searchrl.serving.config import ServerConfig, field
 from searchrl.serving.runtime import ServiceSpec, run_service
 
 if TYPE_CHECKING:
-    from searchrl.services.policy.engines import PolicyEngine
-    from searchrl.services.rollouts import RolloutStore
+    from searchrl.services.policy.engines.base import PolicyEngine
+    from searchrl.services.rollouts.store import RolloutStore
 
 log = logging.getLogger("searchrl.policy")
 
@@ -47,13 +47,12 @@ GENERATED_TOKENS = Counter(
 )
 EPISODES = Counter("searchrl_policy_episodes_total", "Rollout episodes finished, by finish reason.", ["finish_reason"])
 SEARCH_BACKENDS = ("retriever", "simulator", "mixed", "none")
+AGENT = AgentSettings()  # the agent loop's defaults: the server's agent-loop fields default to them
 
 
 class PolicyConfig(ServerConfig):
     """Settings of ``searchrl serve policy`` (flags ``--max-turns`` ..., env ``SEARCHRL_POLICY_MAX_TURNS`` ...)."""
 
-    grpc_port: int = field(50054, help="gRPC port; 0 picks a free port.")
-    metrics_port: int = field(9094, help="Prometheus /metrics HTTP port; 0 picks a free port, -1 disables.")
     model: str = field(
         "smollm2-135m-instruct", help="Model name or checkpoint directory ('smollm2-135m-instruct': the embedded one)."
     )
@@ -89,21 +88,23 @@ class PolicyConfig(ServerConfig):
     simulator_training: bool = field(
         True, help="Send the question and gold answers to the simulator (ZeroSearch training conditioning)."
     )
-    search_timeout_s: float = field(30.0, help="Deadline of one search, in seconds.")
-    template: str = field("research_instruct", help="Default prompt template: research_instruct or research_base.")
-    protocol: str = field("research", help="Tag protocol: research (<result>) or search_r1 (<information>).")
-    response_prefix: str = field("<think>", help="Text the response starts with (loss mask 0); empty for none.")
-    max_turns: int = field(4, help="Default assistant turns per episode.")
-    max_response_tokens: int = field(1024, help="Default response token budget (generated + inserted).")
-    max_new_tokens_per_turn: int = field(256, help="Default cap of one turn's generation.")
-    top_k: int = field(5, help="Default documents per search.")
-    max_doc_chars: int = field(0, help="Cut each document's text to this many characters; 0: no limit.")
+    search_timeout_s: float = field(AGENT.search_timeout_s, help="Deadline of one search, in seconds.")
+    template: str = field(AGENT.template, help="Default prompt template: research_instruct or research_base.")
+    protocol: str = field(AGENT.protocol, help="Tag protocol: research (<result>) or search_r1 (<information>).")
+    response_prefix: str = field(AGENT.response_prefix, help="Text starting the response (loss mask 0); empty: none.")
+    max_turns: int = field(AGENT.max_turns, help="Default assistant turns per episode.")
+    max_response_tokens: int = field(
+        AGENT.max_response_tokens, help="Default response token budget (generated + inserted)."
+    )
+    max_new_tokens_per_turn: int = field(AGENT.max_new_tokens_per_turn, help="Default cap of one turn's generation.")
+    top_k: int = field(AGENT.top_k, help="Default documents per search.")
+    max_doc_chars: int = field(AGENT.max_doc_chars, help="Cut every document to this many characters; 0: no limit.")
     reward_scheme: str = field("research", help="Reward scheme of Rollout trajectories (see searchrl.reward.scoring).")
 
 
 def build_engine(config: PolicyConfig) -> PolicyEngine:
     """The engine named by ``config.engine``. Call it for ``sglang`` on the serving event loop (see
-    :class:`~searchrl.services.policy.engines.SGLangEngine`), for ``transformers`` anywhere.
+    :class:`~searchrl.services.policy.engines.sglang.SGLangEngine`), for ``transformers`` anywhere.
 
     Raises:
         InvalidRequest: unknown engine.
@@ -112,7 +113,7 @@ def build_engine(config: PolicyConfig) -> PolicyEngine:
     from searchrl.assets import policy_model_path
 
     if config.engine == "transformers":
-        from searchrl.services.policy.engines import TransformersEngine
+        from searchrl.services.policy.engines.transformers import TransformersEngine
 
         return TransformersEngine(
             policy_model_path(config.model),
@@ -122,7 +123,7 @@ def build_engine(config: PolicyConfig) -> PolicyEngine:
             torch_threads=config.torch_threads,
         )
     if config.engine == "sglang":
-        from searchrl.services.policy.engines import SGLangEngine
+        from searchrl.services.policy.engines.sglang import SGLangEngine
 
         return SGLangEngine(
             policy_model_path(config.model), url=config.sglang_url, deterministic=config.sglang_deterministic
@@ -156,9 +157,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     def _default_search_name(self) -> str:
         name = self.config.search_backend
         if name == "auto":
-            return (
-                "retriever" if "retriever" in self.searches else "simulator" if "simulator" in self.searches else "none"
-            )
+            return next((n for n in ("retriever", "simulator") if n in self.searches), "none")
         if name not in SEARCH_BACKENDS:
             raise InvalidRequest(f"unknown search backend {name!r}; expected one of {SEARCH_BACKENDS} or auto")
         if name not in self.searches:
@@ -426,7 +425,7 @@ async def build(config: PolicyConfig) -> tuple[list[ServiceSpec], Any]:
     searches = build_searches(config)
     store = None
     if config.redis_url:
-        from searchrl.services.rollouts import RolloutStore
+        from searchrl.services.rollouts.store import RolloutStore
 
         store = RolloutStore(config.redis_url, password=config.redis_password or None)
     servicer = PolicyServicer(engine, config, searches, store)

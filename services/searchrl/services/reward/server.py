@@ -2,7 +2,8 @@
 
 Scores batches with :mod:`searchrl.reward.scoring`. Bad input never reaches the scorer: an empty or
 oversized batch, a response over ``max_response_chars``, an item without gold answers, an unspecified or unknown
-scheme, and a request whose strings are not valid UTF-8 all get ``INVALID_ARGUMENT`` with a message naming the item.
+scheme, and bytes protobuf cannot parse (e.g. a string that is not valid UTF-8) all get ``INVALID_ARGUMENT`` with a
+message naming the item (or, for unparsable bytes, protobuf's parse error).
 
 Metrics (besides the runtime's per-RPC ones): ``searchrl_reward_scored_total{scheme,format_ok}`` and the
 ``searchrl_reward_value{scheme}`` histogram.
@@ -19,9 +20,7 @@ from itertools import accumulate
 from typing import Any
 
 import grpc
-from google.protobuf import empty_pb2
 from google.protobuf.message import DecodeError
-from google.protobuf.unknown_fields import UnknownFieldSet
 from prometheus_client import REGISTRY, CollectorRegistry, Counter
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
@@ -126,8 +125,6 @@ REWARD_VALUE = BatchHistogram(
 class RewardConfig(ServerConfig):
     """Settings of ``searchrl serve reward`` (``--max-batch-size`` ..., env ``SEARCHRL_REWARD_MAX_BATCH_SIZE`` ...)."""
 
-    grpc_port: int = field(50051, help="gRPC port; 0 picks a free port.")
-    metrics_port: int = field(9091, help="Prometheus /metrics HTTP port; 0 picks a free port, -1 disables.")
     max_batch_size: int = field(8192, help="Most items one Score call may carry.")
     max_response_chars: int = field(65536, help="Longest response accepted, in characters.")
     search_r1_info_tag: str = field(
@@ -150,38 +147,13 @@ class _Undecodable:
         self.message = message
 
 
-def _utf8_problem(data: bytes) -> str:
-    """Names the string field of a serialized ScoreRequest that is not valid UTF-8 (wire format walked by hand)."""
-    try:
-        top = UnknownFieldSet(empty_pb2.Empty.FromString(data))
-        index = -1
-        for f in top:
-            if f.field_number != 1 or f.wire_type != 2:
-                continue
-            index += 1
-            answers = -1
-            for g in UnknownFieldSet(empty_pb2.Empty.FromString(f.data)):
-                if g.wire_type != 2 or g.field_number not in (1, 2):
-                    continue
-                if g.field_number == 2:
-                    answers += 1
-                try:
-                    g.data.decode("utf-8")
-                except UnicodeDecodeError:
-                    where = "response" if g.field_number == 1 else f"golden_answers[{answers}]"
-                    return f"items[{index}].{where} is not valid UTF-8"
-    except DecodeError:
-        pass
-    return ""
-
-
 def deserialize_request(data: bytes) -> reward_pb2.ScoreRequest | _Undecodable:
-    """Parses a ScoreRequest; a malformed one (e.g. invalid UTF-8 in a string) becomes an :class:`_Undecodable`."""
+    """Parses a ScoreRequest; a malformed one (e.g. invalid UTF-8 in a string) becomes an :class:`_Undecodable`
+    whose message is protobuf's parse error (``request is not a valid ScoreRequest: Error parsing message ...``)."""
     try:
         return reward_pb2.ScoreRequest.FromString(data)
     except DecodeError as exc:
-        where = _utf8_problem(data)
-        return _Undecodable(where or f"request is not a valid ScoreRequest: {exc}")
+        return _Undecodable(f"request is not a valid ScoreRequest: {exc}")
 
 
 class RewardServicer:

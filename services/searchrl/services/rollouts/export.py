@@ -12,33 +12,24 @@ from searchrl.rollout.v1 import rollout_pb2
 from searchrl.services.rollouts.store import RolloutStore, num_searches
 
 
-def trajectory_row(entry_id: str, trajectory: rollout_pb2.Trajectory) -> dict[str, Any]:
-    """One flat row for tables (parquet): ids, loss mask, reward, searches, timings; ``turns`` as a JSON string."""
+def trajectory_row(record: dict[str, Any]) -> dict[str, Any]:
+    """One flat row for tables (parquet) of an exported record (see :func:`export`): its ids, token lists, reward
+    and text columns, plus ``num_turns``, ``search_queries``, the timings as columns and ``turns`` as a JSON string."""
+    turns = record["turns"]
     return {
-        "stream_id": entry_id,
-        "id": trajectory.id,
-        "question_id": trajectory.question_id,
-        "question": trajectory.question,
-        "golden_answers": list(trajectory.golden_answers),
-        "prompt_ids": list(trajectory.prompt_ids),
-        "response_ids": list(trajectory.response_ids),
-        "loss_mask": list(trajectory.loss_mask),
-        "response_logprobs": list(trajectory.response_logprobs),
-        "response_text": trajectory.response_text,
-        "reward": float(trajectory.reward),
-        "answer": trajectory.answer,
-        "finish_reason": trajectory.finish_reason,
-        "policy_version": trajectory.policy_version,
-        "group_index": int(trajectory.group_index),
-        "num_turns": len(trajectory.turns),
-        "num_searches": num_searches(trajectory),
-        "search_queries": [t.search.query for t in trajectory.turns if t.HasField("search")],
-        "generation_ms": trajectory.timings.generation_ms,
-        "search_ms": trajectory.timings.search_ms,
-        "reward_ms": trajectory.timings.reward_ms,
-        "total_ms": trajectory.timings.total_ms,
-        "turns_json": json.dumps([MessageToDict(t, preserving_proto_field_name=True) for t in trajectory.turns]),
+        **record,
+        "num_turns": len(turns),
+        "search_queries": [t["search"]["query"] for t in turns if "search" in t],
+        **record["timings"],
+        "turns_json": json.dumps(turns),
     }
+
+
+def _record(entry_id: str, trajectory: rollout_pb2.Trajectory) -> dict[str, Any]:
+    """A stored trajectory as a dict: its proto3 JSON (the form of ``Episode.to_record``) plus ``stream_id`` and
+    ``num_searches``."""
+    record = MessageToDict(trajectory, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    return {**record, "stream_id": entry_id, "num_searches": num_searches(trajectory)}
 
 
 def _parquet_schema() -> Any:
@@ -79,7 +70,7 @@ async def export(
     """Writes every trajectory of the stream (oldest first) to ``out``.
 
     ``jsonl``: one ``MessageToDict`` object per line (proto field names, default values included) plus ``stream_id``
-    and ``num_searches``. ``parquet``: the flat columns of :func:`trajectory_row` (pyarrow), written in row groups.
+    and ``num_searches``. ``parquet``: the flat columns of :func:`trajectory_row` of it (pyarrow), in row groups.
 
     Args:
         store: the rollout store.
@@ -111,12 +102,7 @@ async def export(
                 async for entry_id, traj in store.iter_all():
                     if limit is not None and written >= limit:
                         break
-                    row = MessageToDict(
-                        traj, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-                    )
-                    row["stream_id"] = entry_id
-                    row["num_searches"] = num_searches(traj)
-                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    fh.write(json.dumps(_record(entry_id, traj), ensure_ascii=False) + "\n")
                     written += 1
                     bar.advance(task)
             return written
@@ -129,7 +115,7 @@ async def export(
             async for entry_id, traj in store.iter_all():
                 if limit is not None and written >= limit:
                     break
-                rows.append(trajectory_row(entry_id, traj))
+                rows.append(trajectory_row(_record(entry_id, traj)))
                 written += 1
                 bar.advance(task)
                 if len(rows) >= 1000:

@@ -5,9 +5,9 @@ verl's workers need GPUs and Ray, so at desk scale the loop is ours while the ma
 
 1. **rollout** - take ``data.batch_size`` questions (:mod:`.cursor`: a seeded permutation per epoch, checkpointed) and
    run ``data.group_size`` episodes of the agent loop per question, concurrently, with the live policy (an in-process
-   :class:`~searchrl.services.policy.engines.TransformersEngine` sharing the training model, or a remote
+   :class:`~searchrl.services.policy.engines.transformers.TransformersEngine` sharing the training model, or a remote
    PolicyService that receives the new weights with ``LoadWeights`` after each update). Every episode has its own
-   seed, :func:`~.cursor.episode_seed` of ``(seed, step, question slot, sample)``. Searches go to the
+   seed, :func:`~searchrl.agent.settings.episode_seed` of ``(seed, step, question slot, sample)``. Searches go to the
    configured backend with the curriculum position ``(step - 1, total)`` for the ZeroSearch simulator.
 2. **reward** - score each episode in-process with ``searchrl.reward.scoring.score`` (plus the shaping and custom
    reward functions of :mod:`searchrl.reward.shaping`).
@@ -15,22 +15,3 @@ verl's workers need GPUs and Ray, so at desk scale the loop is ours while the ma
 4. **report** - MLflow metrics every step, Prometheus gauges, guard rails, trajectories to the Redis rollout stream,
    checkpoints every N steps (:mod:`.trainer`).
 """
-
-from searchrl.trainer.local.batching import MicroBatch, collate, response_logits
-from searchrl.trainer.local.cursor import DataCursor, episode_seed
-from searchrl.trainer.local.trainer import LocalTrainer, StepAbandoned, TrainResult, train
-from searchrl.trainer.local.update import EpisodeData, GRPOUpdater
-
-__all__ = [
-    "DataCursor",
-    "EpisodeData",
-    "GRPOUpdater",
-    "LocalTrainer",
-    "MicroBatch",
-    "StepAbandoned",
-    "TrainResult",
-    "collate",
-    "episode_seed",
-    "response_logits",
-    "train",
-]

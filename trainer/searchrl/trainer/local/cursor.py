@@ -1,5 +1,4 @@
-"""Which training questions come next (:class:`DataCursor`, a seeded permutation per epoch, checkpointed) and the
-seed of each episode (:func:`episode_seed`)."""
+"""Which training questions come next: :class:`DataCursor`, a seeded permutation per epoch, checkpointed."""
 
 from __future__ import annotations
 
@@ -53,8 +52,3 @@ class DataCursor:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         if self.position >= self.n_rows:  # the data shrank since the checkpoint: start the next epoch
             self.epoch, self.position = self.epoch + 1, 0
-
-
-def episode_seed(seed: int, step: int, slot: int, sample: int) -> int:
-    """Seed of one episode, a pure function of the run seed, the step, the question slot and the sample index."""
-    return int(np.random.SeedSequence([seed, step, slot, sample]).generate_state(1, dtype=np.uint32)[0])

@@ -26,6 +26,7 @@ import torch
 
 from searchrl.agent.prompts import get_protocol
 from searchrl.agent.search import SearchSpec, build_search_backend
+from searchrl.agent.settings import episode_seed
 from searchrl.data.datasets import Example
 from searchrl.errors import InvalidRequest
 from searchrl.reward.shaping import format_progress, load_reward_function
@@ -34,7 +35,7 @@ from searchrl.trainer import checkpoint as ckpt
 from searchrl.trainer.config import TrainConfig
 from searchrl.trainer.data import load_examples
 from searchrl.trainer.guards import GUARDS, GuardEvent, Guards
-from searchrl.trainer.local.cursor import DataCursor, episode_seed
+from searchrl.trainer.local.cursor import DataCursor
 from searchrl.trainer.local.update import EpisodeData, GRPOUpdater
 from searchrl.trainer.telemetry import TrainerGauges, rollout_metrics
 
@@ -211,7 +212,7 @@ class LocalTrainer:
             )
             self._search = build_search_backend(spec)
         if cfg.rollout.engine == "inprocess":
-            from searchrl.services.policy.engines import TransformersEngine
+            from searchrl.services.policy.engines.transformers import TransformersEngine
 
             self._engine = TransformersEngine(
                 self.model,
@@ -225,7 +226,7 @@ class LocalTrainer:
             self._generator = self._engine
         else:
             from searchrl.client.policy import PolicyClient
-            from searchrl.services.policy.engines import RemotePolicyBackend
+            from searchrl.services.policy.engines.remote import RemotePolicyBackend
 
             self._policy_client = PolicyClient(cfg.rollout.policy_target)
             self._generator = RemotePolicyBackend(self._policy_client, self.tokenizer)
@@ -383,9 +384,8 @@ class LocalTrainer:
         self._write_jsonl("metrics.jsonl", [{"step": step, **metrics}])
         if cfg.trainer.log_trajectories:
             rows = [
-                {"step": step, "question": ep.question, "golden_answers": ep.golden_answers, "response": ep.response_text,
-                 "reward": s.reward, "f1": s.f1, "format_ok": s.format_ok, "format_error": s.format_error,
-                 "searches": [x.query for x in ep.searches], "finish_reason": ep.finish_reason}
+                {"step": step, **ep.to_record(), "reward": s.reward, "f1": s.f1, "format_ok": s.format_ok,
+                 "format_error": s.format_error}
                 for ep, s in list(zip(episodes, scores, strict=True))[: cfg.trainer.log_trajectories]
             ]  # fmt: skip
             self._write_jsonl("trajectories.jsonl", rows)

@@ -1,4 +1,11 @@
-"""The engine contract of the PolicyService (:class:`PolicyEngine`) and what its engines share (:class:`EngineBase`)."""
+"""The engine contract of the PolicyService (:class:`PolicyEngine`) and what its engines share (:class:`EngineBase`).
+
+Log-probs are natural-log probabilities of each sampled token under the model's raw next-token distribution
+(``log_softmax`` of the logits, before temperature / top-p / top-k): what the trainer's forward pass computes
+(``GRPOUpdater.forward_logprobs`` in :mod:`searchrl.trainer.local.update`, verl's ``logprobs_from_logits``), so the
+two agree at any sampling temperature (:class:`~searchrl.services.policy.engines.sglang.SGLangEngine` sets
+``SGLANG_RETURN_ORIGINAL_LOGPROB=1`` for this; seeds: see each engine).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,11 @@
-"""The CPU engine: :class:`TransformersEngine`, continuous batching over a transformers causal LM."""
+"""The CPU engine: :class:`TransformersEngine`, continuous batching over a transformers causal LM.
+
+Concurrent :meth:`~TransformersEngine.generate` calls are joined into one running batch over a shared KV cache
+(continuous batching at token granularity: a request that arrives while others decode is prefilled and merged into the
+batch at the next step; a finished row leaves at once). Every row keeps its own sampling parameters and its own seeded
+``torch.Generator``, so a seeded request samples the same tokens whatever else is in the batch (up to float rounding
+of padded attention).
+"""
 
 from __future__ import annotations
 
