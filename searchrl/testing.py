@@ -20,7 +20,8 @@ __all__ = ["ServiceProcess", "free_port", "redis_server", "self_signed_certifica
 
 
 class ServiceProcess:
-    """A ``searchrl serve <service>`` child process on free ports.
+    """A ``searchrl serve <service>`` child process on free ports (gRPC, metrics, and the retriever's HTTP API:
+    ``http_port``, unless ``args`` set ``--http-port``).
 
     Args:
         service: ``reward``, ``retriever``, ``simulator`` or ``policy``.
@@ -42,6 +43,10 @@ class ServiceProcess:
         self.port = free_port()
         self.metrics_port = free_port()
         self.target = f"127.0.0.1:{self.port}"
+        # the retriever also serves HTTP (default port 8000): a free one too, unless the caller chose
+        self.http_port = free_port() if service == "retriever" and "--http-port" not in args else None
+        if self.http_port is not None:
+            args = [*args, "--http-port", str(self.http_port)]
         self.log_path = Path(tempfile.mkstemp(prefix=f"searchrl-{service}-", suffix=".log")[1])
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
