@@ -375,6 +375,7 @@ def bench_rollout(shape: LMShape, sizes: Sizes, device: str, budget: Callable[[]
     """TransformersEngine: generated tokens/s at each batch size in ``sizes.rollout_batches``."""
     import torch
 
+    from searchrl.agent.settings import SamplingParams
     from searchrl.services.policy.engines.transformers import TransformersEngine
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -388,11 +389,9 @@ def bench_rollout(shape: LMShape, sizes: Sizes, device: str, budget: Callable[[]
     engine = TransformersEngine(model, tokenizer=tok, max_batch_size=max(sizes.rollout_batches), batch_wait_ms=5.0)
 
     async def run(prompts: list[list[int]], new_tokens: int) -> int:
+        sampling = SamplingParams(max_new_tokens=new_tokens, temperature=1.0, top_p=1.0)
         outs = await asyncio.gather(
-            *(
-                engine.generate(p, max_new_tokens=new_tokens, temperature=1.0, top_p=1.0, stop=STOP_STRINGS, seed=i)
-                for i, p in enumerate(prompts)
-            )
+            *(engine.generate(p, sampling, stop=STOP_STRINGS, seed=i) for i, p in enumerate(prompts))
         )
         return sum(len(o.token_ids) for o in outs)
 

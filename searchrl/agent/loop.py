@@ -34,7 +34,7 @@ from google.protobuf.json_format import MessageToDict, ParseDict
 from prometheus_client import Counter
 
 from searchrl.agent.prompts import TagProtocol, get_protocol, render_prompt
-from searchrl.agent.settings import AgentSettings
+from searchrl.agent.settings import AgentSettings, SamplingParams
 from searchrl.errors import InvalidRequest
 from searchrl.reward.scoring import extract_answer
 from searchrl.rollout.v1 import rollout_pb2
@@ -77,15 +77,11 @@ class GenerationBackend(Protocol):
     tokenizer: Any
 
     async def generate(
-        self,
-        prompt_ids: list[int],
-        *,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        stop: Sequence[str] = (),
-        seed: int | None = None,
-    ) -> GenerationOutput: ...
+        self, prompt_ids: list[int], sampling: SamplingParams, *, stop: Sequence[str] = (), seed: int | None = None
+    ) -> GenerationOutput:
+        """One completion of ``prompt_ids`` with ``sampling``; generation ends after the first of ``stop`` (kept in
+        the text), and ``seed`` makes it reproducible where the backend can."""
+        ...
 
 
 @dataclass
@@ -452,11 +448,14 @@ class AgentLoop:
                 # The response prefix already holds a search (a forced first search): run it before generating.
                 out = GenerationOutput(token_ids=[], logprobs=[], text="", finish_reason="stop")
             else:
-                out = await self.generator.generate(
-                    prompt + response_ids,
+                sampling = SamplingParams(
                     max_new_tokens=min(cfg.max_new_tokens_per_turn, budget),
                     temperature=cfg.temperature,
                     top_p=cfg.top_p,
+                )
+                out = await self.generator.generate(
+                    prompt + response_ids,
+                    sampling,
                     stop=stops,
                     seed=None if seed is None else seed + 1_000_003 * turn_index,
                 )

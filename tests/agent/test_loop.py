@@ -58,7 +58,8 @@ class Scripted:
         self.finish = list(finish) if finish is not None else None
         self.calls: list[dict[str, object]] = []
 
-    async def generate(self, prompt_ids, *, max_new_tokens, temperature=1.0, top_p=1.0, stop=(), seed=None):  # type: ignore[no-untyped-def]
+    async def generate(self, prompt_ids, sampling, *, stop=(), seed=None):  # type: ignore[no-untyped-def]
+        max_new_tokens = sampling.max_new_tokens
         i = len(self.calls)
         self.calls.append(
             {"prompt_ids": list(prompt_ids), "max_new_tokens": max_new_tokens, "stop": tuple(stop), "seed": seed}
@@ -298,10 +299,10 @@ async def test_episodes_overlap_their_searches(tokenizer) -> None:  # type: igno
     class PerEpisode:  # each episode needs its own script position
         tokenizer = gen.tokenizer
 
-        async def generate(self, prompt_ids, **kw):  # type: ignore[no-untyped-def]
+        async def generate(self, prompt_ids, sampling, **kw):  # type: ignore[no-untyped-def]
             text = tokenizer.decode(prompt_ids)
             turn = 1 if text.endswith("</result>") else 0
-            return await Scripted(tokenizer, [gen.turns[turn]]).generate(prompt_ids, **kw)
+            return await Scripted(tokenizer, [gen.turns[turn]]).generate(prompt_ids, sampling, **kw)
 
     loop = AgentLoop(PerEpisode(), InProcessSearch(slow_lookup), AgentLoopConfig())
     episodes = await run_episodes(

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from searchrl.agent.settings import SamplingParams
 from searchrl.errors import InvalidRequest
 from searchrl.services.policy.engines.transformers import TransformersEngine
 
@@ -51,13 +52,15 @@ async def test_logprobs_match_forward_pass_under_continuous_batching(engine: Tra
     )
     prompts = [render_prompt(engine.tokenizer, q).ids for q in questions]  # they share the long ReSearch system prompt
     first = [
-        asyncio.create_task(engine.generate(p, max_new_tokens=12, temperature=1.0, seed=i))
+        asyncio.create_task(engine.generate(p, SamplingParams(max_new_tokens=12, temperature=1.0), seed=i))
         for i, p in enumerate(prompts[:2])
     ]
     while engine.num_running == 0 and not all(t.done() for t in first):
         await asyncio.sleep(0.01)
     # The third request joins a batch that is already decoding (different length, merged cache, cached prefix).
-    late = asyncio.create_task(engine.generate(prompts[2], max_new_tokens=12, temperature=0.8, top_p=0.9, seed=7))
+    late = asyncio.create_task(
+        engine.generate(prompts[2], SamplingParams(max_new_tokens=12, temperature=0.8, top_p=0.9), seed=7)
+    )
     outs = await asyncio.gather(*first, late)
     assert engine._prefix is not None and len(engine._prefix[1]) >= 100  # the shared-prefix KV was used
     for prompt, out in zip(prompts, outs, strict=True):
@@ -68,18 +71,18 @@ async def test_logprobs_match_forward_pass_under_continuous_batching(engine: Tra
         assert out.text == engine.tokenizer.decode(out.token_ids, skip_special_tokens=True)
     # A single later request (a second turn of an episode) reuses the cached prefix: same log-probs as a forward pass.
     turn2 = prompts[0] + outs[0].token_ids
-    out = await engine.generate(turn2, max_new_tokens=6, seed=3)
+    out = await engine.generate(turn2, SamplingParams(max_new_tokens=6), seed=3)
     ref = forward_logprobs(engine.model, turn2, out.token_ids)
     assert max(abs(a - b) for a, b in zip(ref, out.logprobs, strict=True)) < 1e-4
 
 
 async def test_seeded_sampling_is_reproducible_and_batch_independent(engine: TransformersEngine) -> None:
     p = chat(engine, "Write a word.")
-    alone = await engine.generate(p, max_new_tokens=10, seed=123)
+    alone = await engine.generate(p, SamplingParams(max_new_tokens=10), seed=123)
     crowd = await asyncio.gather(
-        engine.generate(chat(engine, "Something else entirely, please."), max_new_tokens=10, seed=5),
-        engine.generate(p, max_new_tokens=10, seed=123),
-        engine.generate(p, max_new_tokens=10, seed=124),
+        engine.generate(chat(engine, "Something else entirely, please."), SamplingParams(max_new_tokens=10), seed=5),
+        engine.generate(p, SamplingParams(max_new_tokens=10), seed=123),
+        engine.generate(p, SamplingParams(max_new_tokens=10), seed=124),
     )
     assert crowd[1].token_ids == alone.token_ids
     assert crowd[2].token_ids != alone.token_ids
@@ -87,7 +90,7 @@ async def test_seeded_sampling_is_reproducible_and_batch_independent(engine: Tra
 
 async def test_greedy_matches_transformers_generate(engine: TransformersEngine) -> None:
     p = chat(engine, "What is 2 + 2?")
-    out = await engine.generate(p, max_new_tokens=10, temperature=0.0)
+    out = await engine.generate(p, SamplingParams(max_new_tokens=10, temperature=0.0))
     with torch.no_grad():
         ref = engine.model.generate(
             torch.tensor([p]), max_new_tokens=10, do_sample=False, pad_token_id=engine.pad_token_id
@@ -100,40 +103,42 @@ async def test_greedy_matches_transformers_generate(engine: TransformersEngine) 
 
 async def test_stop_string_is_kept_and_ends_generation(engine: TransformersEngine) -> None:
     p = chat(engine, "Count from 1 to 20, one number per line.")
-    free = await engine.generate(p, max_new_tokens=16, temperature=0.0)
+    free = await engine.generate(p, SamplingParams(max_new_tokens=16, temperature=0.0))
     assert "3." in free.text  # SmolLM2 writes "1. 1\n2. 2\n3. 3 ..."
-    stopped = await engine.generate(p, max_new_tokens=16, temperature=0.0, stop=["3.", "never-seen"])
+    stopped = await engine.generate(p, SamplingParams(max_new_tokens=16, temperature=0.0), stop=["3.", "never-seen"])
     assert stopped.finish_reason == "stop"
     assert stopped.text.endswith("3.") and "4." not in stopped.text
     assert free.token_ids[: len(stopped.token_ids)] == stopped.token_ids
-    length = await engine.generate(p, max_new_tokens=3, temperature=0.0)
+    length = await engine.generate(p, SamplingParams(max_new_tokens=3, temperature=0.0))
     assert length.finish_reason == "length" and len(length.token_ids) == 3
 
 
 async def test_generate_text(engine: TransformersEngine) -> None:
-    texts = await engine.generate_text(["The capital of France is", "One, two,"], max_new_tokens=4, temperature=0.0)
+    texts = await engine.generate_text(
+        ["The capital of France is", "One, two,"], SamplingParams(max_new_tokens=4, temperature=0.0)
+    )
     assert len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
 
 
 async def test_bad_input(engine: TransformersEngine) -> None:
     with pytest.raises(InvalidRequest, match="context window"):
-        await engine.generate([5] * engine.max_context_tokens, max_new_tokens=4)
+        await engine.generate([5] * engine.max_context_tokens, SamplingParams(max_new_tokens=4))
     with pytest.raises(InvalidRequest, match="empty"):
-        await engine.generate([], max_new_tokens=4)
+        await engine.generate([], SamplingParams(max_new_tokens=4))
     with pytest.raises(InvalidRequest, match="token ids"):
-        await engine.generate([engine.vocab_size + 5], max_new_tokens=4)
+        await engine.generate([engine.vocab_size + 5], SamplingParams(max_new_tokens=4))
     with pytest.raises(InvalidRequest, match="max_new_tokens"):
-        await engine.generate([5], max_new_tokens=0)
+        await engine.generate([5], SamplingParams(max_new_tokens=0))
     with pytest.raises(InvalidRequest, match="top_p"):
-        await engine.generate([5], max_new_tokens=2, top_p=0.0)
+        await engine.generate([5], SamplingParams(max_new_tokens=2, top_p=0.0))
     # Still serving afterwards.
-    assert (await engine.generate([5, 6], max_new_tokens=2, temperature=0.0)).token_ids
+    assert (await engine.generate([5, 6], SamplingParams(max_new_tokens=2, temperature=0.0))).token_ids
 
 
 async def test_cancelled_request_does_not_stall_others(engine: TransformersEngine) -> None:
     p = chat(engine, "Tell me about the sea.")
-    doomed = asyncio.create_task(engine.generate(p, max_new_tokens=200, seed=1))
-    other = asyncio.create_task(engine.generate(p, max_new_tokens=6, seed=2))
+    doomed = asyncio.create_task(engine.generate(p, SamplingParams(max_new_tokens=200), seed=1))
+    other = asyncio.create_task(engine.generate(p, SamplingParams(max_new_tokens=6), seed=2))
     await asyncio.sleep(0.3)
     doomed.cancel()
     out = await asyncio.wait_for(other, 300)
@@ -150,13 +155,13 @@ async def test_hot_swap_in_flight_finish_on_old_weights(policy_path: str) -> Non
         with torch.no_grad():
             new_model.model.norm.weight.mul_(1.5)  # different next-token distributions everywhere
         p = chat(eng, "Describe a forest.")
-        in_flight = asyncio.create_task(eng.generate(p, max_new_tokens=16, seed=3))
+        in_flight = asyncio.create_task(eng.generate(p, SamplingParams(max_new_tokens=16), seed=3))
         while eng.num_running == 0 and not in_flight.done():  # wait until it decodes on v1
             await asyncio.sleep(0.01)
         version = await eng.swap_model(new_model, "v2")
         assert version == "v2" and eng.version == "v2"
         old_out = await in_flight
-        new_out = await eng.generate(p, max_new_tokens=6, seed=3)
+        new_out = await eng.generate(p, SamplingParams(max_new_tokens=6), seed=3)
         assert old_out.policy_version == "v1" and new_out.policy_version == "v2"
         old_ref = forward_logprobs(old_model, p, old_out.token_ids)
         assert max(abs(a - b) for a, b in zip(old_ref, old_out.logprobs, strict=True)) < 1e-4
@@ -164,9 +169,9 @@ async def test_hot_swap_in_flight_finish_on_old_weights(policy_path: str) -> Non
         assert max(abs(a - b) for a, b in zip(new_ref, new_out.logprobs, strict=True)) < 1e-4
         # load_weights from a checkpoint directory; set_model shares a live object without waiting.
         assert await eng.load_weights(policy_path, "from-disk") == "from-disk"
-        assert (await eng.generate(p, max_new_tokens=2, seed=1)).policy_version == "from-disk"
+        assert (await eng.generate(p, SamplingParams(max_new_tokens=2), seed=1)).policy_version == "from-disk"
         eng.set_model(old_model, "live-7")
-        assert (await eng.generate(p, max_new_tokens=2, seed=1)).policy_version == "live-7"
+        assert (await eng.generate(p, SamplingParams(max_new_tokens=2), seed=1)).policy_version == "live-7"
         with pytest.raises(InvalidRequest, match="does not exist"):
             await eng.load_weights("/nonexistent/ckpt")
     finally:
@@ -177,14 +182,16 @@ async def test_rows_on_the_old_prefix_and_a_new_prefix_group_admitted_together(e
     """Regression: a GRPO group (identical prompts) arriving with a row on the cached prefix replaced the prefix before
     that row was prefilled, which crashed the prefill ("cannot reshape tensor of 0 elements") or used wrong KV."""
     p1 = chat(engine, "Which river flows through Paris?")
-    await asyncio.gather(*(engine.generate(p1, max_new_tokens=2, seed=s) for s in (1, 2)))  # caches p1[:-1]
+    await asyncio.gather(
+        *(engine.generate(p1, SamplingParams(max_new_tokens=2), seed=s) for s in (1, 2))
+    )  # caches p1[:-1]
     assert engine._prefix is not None and engine._prefix[1] == p1[:-1]
     r1 = p1 + engine.tokenizer.encode(" The Seine", add_special_tokens=False)
     p2 = chat(engine, "Describe, in many words and with great care, " * 12 + "the history of the city of Lyon.")
     assert len(p2) > len(r1) + 10 and p2[: len(p1) - 1] != p1[:-1]
     outs = await asyncio.gather(
-        engine.generate(r1, max_new_tokens=4, seed=3),
-        *(engine.generate(p2, max_new_tokens=4, seed=s) for s in (4, 5, 6, 7)),
+        engine.generate(r1, SamplingParams(max_new_tokens=4), seed=3),
+        *(engine.generate(p2, SamplingParams(max_new_tokens=4), seed=s) for s in (4, 5, 6, 7)),
     )
     assert engine._prefix is not None and engine._prefix[1] == p2[:-1]  # the group's prefix replaced the old one
     for prompt, out in zip([r1, p2, p2, p2, p2], outs, strict=True):

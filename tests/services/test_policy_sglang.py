@@ -17,6 +17,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from searchrl.agent.settings import SamplingParams
+
 pytestmark = pytest.mark.gpu
 
 
@@ -53,14 +55,14 @@ async def test_in_process_engine(sglang_available: None, policy_path: str) -> No
         prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
         # Log-probs are log_softmax(logits) before temperature at T=1 and at T=0.7 (GPU audit #9).
         for temperature in (1.0, 0.7):
-            out = await eng.generate(prompt, max_new_tokens=24, temperature=temperature, seed=5)
+            out = await eng.generate(prompt, SamplingParams(max_new_tokens=24, temperature=temperature), seed=5)
             assert len(out.token_ids) == len(out.logprobs) >= 1
             ref = forward_logprobs(policy_path, prompt, out.token_ids)
             gap = max(abs(a - b) for a, b in zip(ref, out.logprobs, strict=True))
             assert gap < 1e-2, f"T={temperature}: log-prob gap {gap}"  # GPU kernels differ from HF's
-            again = await eng.generate(prompt, max_new_tokens=24, temperature=temperature, seed=5)
+            again = await eng.generate(prompt, SamplingParams(max_new_tokens=24, temperature=temperature), seed=5)
             assert again.token_ids == out.token_ids
-        stopped = await eng.generate(prompt, max_new_tokens=40, temperature=0.0, stop=["3"])
+        stopped = await eng.generate(prompt, SamplingParams(max_new_tokens=40, temperature=0.0), stop=["3"])
         assert stopped.finish_reason == "stop" and "3" in stopped.text
         ep = await AgentLoop(
             eng, NoSearch(), AgentLoopConfig(max_turns=2, max_new_tokens_per_turn=32, max_response_tokens=128)
@@ -68,7 +70,7 @@ async def test_in_process_engine(sglang_available: None, policy_path: str) -> No
         assert ep.finish_reason in ("answer", "eos", "turn_limit", "token_budget") and sum(ep.loss_mask) >= 1
         # Hot-swap on the serving loop (GPU audit #5), then serving goes on with the new version.
         assert await asyncio.wait_for(eng.load_weights(policy_path, "v2"), 300) == "v2"
-        after = await asyncio.wait_for(eng.generate(prompt, max_new_tokens=4, temperature=0.0), 60)
+        after = await asyncio.wait_for(eng.generate(prompt, SamplingParams(max_new_tokens=4, temperature=0.0)), 60)
         assert after.policy_version == "v2" and len(after.token_ids) >= 1
     finally:
         await eng.close()
@@ -122,11 +124,11 @@ async def test_remote_server(sglang_server: str, policy_path: str) -> None:
     eng = SGLangEngine(policy_path, url=sglang_server)
     try:
         ids = eng.tokenizer.encode("The capital of France is")
-        out = await eng.generate(ids, max_new_tokens=8, temperature=0.0)
+        out = await eng.generate(ids, SamplingParams(max_new_tokens=8, temperature=0.0))
         assert len(out.token_ids) == len(out.logprobs) >= 1 and out.finish_reason in ("length", "eos")
-        texts = await eng.generate_text(["One, two,"], max_new_tokens=4, temperature=0.0)
+        texts = await eng.generate_text(["One, two,"], SamplingParams(max_new_tokens=4, temperature=0.0))
         assert texts[0]
-        warm = await eng.generate(ids, max_new_tokens=16, temperature=0.7)
+        warm = await eng.generate(ids, SamplingParams(max_new_tokens=16, temperature=0.7))
         ref = forward_logprobs(policy_path, ids, warm.token_ids)
         assert max(abs(a - b) for a, b in zip(ref, warm.logprobs, strict=True)) < 1e-2
         assert await eng.load_weights(policy_path, "v2") == "v2"

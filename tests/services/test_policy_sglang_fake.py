@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 import pytest
 
+from searchrl.agent.settings import SamplingParams
 from searchrl.errors import InvalidRequest
 from searchrl.services.policy.engines.sglang import SGLangEngine
 
@@ -134,11 +135,11 @@ async def test_load_weights_swaps_on_the_serving_loop(
     eng = SGLangEngine(policy_path)
     try:
         prompt = prompt_of(eng)
-        before = await eng.generate(prompt, max_new_tokens=4, temperature=0.0)
+        before = await eng.generate(prompt, SamplingParams(max_new_tokens=4, temperature=0.0))
         assert before.policy_version == "0"
         swap = asyncio.create_task(eng.load_weights(checkpoint_b, "step-2"))
         await asyncio.sleep(0.1)  # the swap holds SGLang's writer lock now
-        during = asyncio.create_task(eng.generate(prompt, max_new_tokens=4, temperature=0.0))
+        during = asyncio.create_task(eng.generate(prompt, SamplingParams(max_new_tokens=4, temperature=0.0)))
         assert await asyncio.wait_for(swap, 10) == "step-2" and eng.version == "step-2"
         after = await asyncio.wait_for(during, 10)
         # The request sent during the swap waited for it and ran on the new weights.
@@ -150,7 +151,7 @@ async def test_load_weights_swaps_on_the_serving_loop(
         with pytest.raises(InvalidRequest, match="could not load weights"):
             await asyncio.wait_for(eng.load_weights("/nonexistent/ckpt", "step-3"), 10)
         assert eng.version == "step-2"
-        again = await asyncio.wait_for(eng.generate(prompt, max_new_tokens=2, temperature=0.0), 10)
+        again = await asyncio.wait_for(eng.generate(prompt, SamplingParams(max_new_tokens=2, temperature=0.0)), 10)
         assert again.policy_version == "step-2"
         assert not await eng._engine.tokenizer_manager.model_update_lock.is_locked()
     finally:
@@ -170,7 +171,9 @@ async def test_cancelled_load_weights_does_not_kill_sglang(
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call
-        out = await asyncio.wait_for(eng.generate(prompt_of(eng), max_new_tokens=2, temperature=0.0), 10)
+        out = await asyncio.wait_for(
+            eng.generate(prompt_of(eng), SamplingParams(max_new_tokens=2, temperature=0.0)), 10
+        )
         assert eng._engine.tokenizer_manager.crashed is None
         assert out.policy_version == "step-2" and eng.version == "step-2"  # the swap finished in the background
     finally:
@@ -183,7 +186,7 @@ async def test_logprobs_are_raw_at_any_temperature(fake_sglang: Any, policy_path
     eng = SGLangEngine(policy_path)
     try:
         prompt = prompt_of(eng)
-        out = await eng.generate(prompt, max_new_tokens=12, temperature=temperature, top_p=0.95)
+        out = await eng.generate(prompt, SamplingParams(max_new_tokens=12, temperature=temperature, top_p=0.95))
         assert len(out.token_ids) == len(out.logprobs) == 12
         ref = raw_logprobs(policy_path, prompt, out.token_ids, eng.vocab_size)
         assert out.logprobs == pytest.approx(ref, abs=1e-9)
@@ -199,19 +202,19 @@ async def test_seeds_reproduce_only_with_deterministic_inference(
     try:
         assert eng._engine.server_args.enable_deterministic_inference is True
         prompt = prompt_of(eng)
-        a = await eng.generate(prompt, max_new_tokens=16, seed=5)
-        b = await eng.generate(prompt, max_new_tokens=16, seed=5)
+        a = await eng.generate(prompt, SamplingParams(max_new_tokens=16), seed=5)
+        b = await eng.generate(prompt, SamplingParams(max_new_tokens=16), seed=5)
         assert a.token_ids == b.token_ids
         # Unseeded requests must not all get SGLang's default seed 42 (a GRPO group would be n copies).
-        c, d = await asyncio.gather(*(eng.generate(prompt, max_new_tokens=16) for _ in range(2)))
+        c, d = await asyncio.gather(*(eng.generate(prompt, SamplingParams(max_new_tokens=16)) for _ in range(2)))
         assert c.token_ids != d.token_ids
     finally:
         await eng.close()
     eng = SGLangEngine(policy_path)  # seeds off: SGLang ignores sampling_seed, and we say so
     try:
         with caplog.at_level(logging.WARNING, logger="searchrl.policy.engines"):
-            a = await eng.generate(prompt, max_new_tokens=16, seed=5)
-            b = await eng.generate(prompt, max_new_tokens=16, seed=5)
+            a = await eng.generate(prompt, SamplingParams(max_new_tokens=16), seed=5)
+            b = await eng.generate(prompt, SamplingParams(max_new_tokens=16), seed=5)
         assert a.token_ids != b.token_ids
         assert sum("ignores sampling seeds" in r.getMessage() for r in caplog.records) == 1
     finally:
@@ -224,13 +227,15 @@ async def test_sampling_params_pass_sglang_validation(fake_sglang: Any, policy_p
     eng = SGLangEngine(policy_path, engine_kwargs={"skip_tokenizer_init": True})
     try:
         prompt = prompt_of(eng)
-        free = await eng.generate(prompt, max_new_tokens=12, temperature=0.0, top_k=5, seed=2**64 - 1)
+        free = await eng.generate(prompt, SamplingParams(max_new_tokens=12, temperature=0.0, top_k=5), seed=2**64 - 1)
         assert free.finish_reason == "length" and len(free.token_ids) == 12
         stop = eng.tokenizer.decode(free.token_ids[3:5])
-        stopped = await eng.generate(prompt, max_new_tokens=12, temperature=0.0, stop=[stop, "never-seen"])
+        stopped = await eng.generate(
+            prompt, SamplingParams(max_new_tokens=12, temperature=0.0), stop=[stop, "never-seen"]
+        )
         assert stopped.finish_reason == "stop" and stop in stopped.text and len(stopped.token_ids) <= 5
         with pytest.raises(InvalidRequest):
-            await eng.generate(prompt, max_new_tokens=2, top_p=1.5)
+            await eng.generate(prompt, SamplingParams(max_new_tokens=2, top_p=1.5))
     finally:
         await eng.close()
 

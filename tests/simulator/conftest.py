@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from searchrl.agent.settings import SamplingParams
 from searchrl.testing import free_port
 
 
@@ -105,9 +106,11 @@ class OpenAICompatServer:
         stop = body.get("stop") or []
         [comp] = await self.engine.generate(
             [prompt],
-            max_new_tokens=int(body.get("max_tokens", 16)),
-            temperature=float(body.get("temperature", 1.0)),
-            top_p=float(body.get("top_p", 1.0)),
+            SamplingParams(
+                max_new_tokens=int(body.get("max_tokens", 16)),
+                temperature=float(body.get("temperature", 1.0)),
+                top_p=float(body.get("top_p", 1.0)),
+            ),
             stop=[stop] if isinstance(stop, str) else list(stop),
             seed=body.get("seed"),
         )

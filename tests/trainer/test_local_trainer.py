@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import torch
 
+from searchrl.agent.settings import SamplingParams
 from searchrl.trainer.config import TrainConfig, load_config
 
 pytestmark = pytest.mark.slow
@@ -144,7 +145,7 @@ async def test_checkpoint_hot_loads_into_the_policy_engine(uninterrupted: tuple[
         version = await engine.load_weights(str(result.checkpoint / "model"), version="step-3")
         assert version == "step-3"
         out = await engine.generate(
-            engine.tokenizer.encode("The capital of France is"), max_new_tokens=3, temperature=0.0
+            engine.tokenizer.encode("The capital of France is"), SamplingParams(max_new_tokens=3, temperature=0.0)
         )
         assert len(out.token_ids) >= 1
     finally:

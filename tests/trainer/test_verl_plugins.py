@@ -13,6 +13,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from searchrl.agent.loop import SearchContext, SearchOutcome
+from searchrl.agent.settings import SamplingParams
 from searchrl.rollout.v1 import rollout_pb2
 from searchrl.services.policy.engines.transformers import TransformersEngine
 from searchrl.testing import ServiceProcess, free_port
@@ -73,10 +74,12 @@ class CpuServerManager:
         top_k = int(sp.get("top_k", 0) or 0)
         out = await self.engine.generate(
             list(prompt_ids),
-            max_new_tokens=max(1, max_tokens),
-            temperature=float(sp.get("temperature", 1.0)),
-            top_p=float(sp.get("top_p", 1.0)),
-            top_k=top_k if top_k > 0 else 0,
+            SamplingParams(
+                max_new_tokens=max(1, max_tokens),
+                temperature=float(sp.get("temperature", 1.0)),
+                top_p=float(sp.get("top_p", 1.0)),
+                top_k=top_k if top_k > 0 else -1,
+            ),
             stop=list(sp.get("stop") or []),
             seed=sp.get("seed"),
         )

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, Field
 
 from searchrl.agent.loop import AgentLoop, Episode, SearchContext, SearchRecord, TurnRecord
-from searchrl.agent.settings import AgentSettings, Temperature, episode_seed
+from searchrl.agent.settings import AgentSettings, SamplingParams, Temperature, episode_seed
 from searchrl.data.datasets import Example
 from searchrl.errors import InvalidRequest
 from searchrl.evaluator.metrics import METHOD_ORDER, answer_scores
@@ -122,9 +122,7 @@ class Evaluator:
         t1 = time.perf_counter()
         out = await self.policy.generate(
             prompt_ids,
-            max_new_tokens=c.max_new_tokens_per_turn,
-            temperature=c.temperature,
-            top_p=c.top_p,
+            SamplingParams(max_new_tokens=c.max_new_tokens_per_turn, temperature=c.temperature, top_p=c.top_p),
             stop=("</answer>",),
             seed=seed,
         )

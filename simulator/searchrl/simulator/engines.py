@@ -2,7 +2,7 @@
 
 Every engine implements :class:`SimulationEngine`::
 
-    await engine.generate(prompts, max_new_tokens=..., temperature=..., top_p=..., stop=[...], seed=...) -> [Completion]
+    await engine.generate(prompts, SamplingParams(max_new_tokens=..., ...), stop=[...], seed=...) -> [Completion]
 
 A prompt is either plain text (sent as is) or chat messages. When the last message is an assistant message, the
 engine *continues* it (the chat template is rendered up to and including that message's text, with no end-of-turn
@@ -67,10 +67,8 @@ class SimulationEngine(abc.ABC):
     async def generate(
         self,
         prompts: Sequence[Prompt],
+        sampling: SamplingParams,
         *,
-        max_new_tokens: int,
-        temperature: float = 0.7,
-        top_p: float = 0.95,
         stop: Sequence[str] = (),
         seed: int | Sequence[int] | None = None,
     ) -> list[Completion]:
@@ -78,9 +76,7 @@ class SimulationEngine(abc.ABC):
 
         Args:
             prompts: N prompts (text or chat messages).
-            max_new_tokens: at most this many new tokens per prompt (>= 1).
-            temperature: sampling temperature (>= 0; 0 is greedy).
-            top_p: nucleus mass in (0, 1].
+            sampling: sampling parameters of every prompt (``max_new_tokens`` per prompt).
             stop: generation of a prompt ends at the first of these strings (excluded from the text).
             seed: one seed per prompt, or one base seed (prompt ``i`` gets ``seed + i``), or ``None`` (unseeded).
 
@@ -88,12 +84,10 @@ class SimulationEngine(abc.ABC):
             N completions, in order.
 
         Raises:
-            InvalidRequest: bad sampling parameters (:class:`~searchrl.agent.settings.SamplingParams`) or a prompt the
-                engine cannot take (too long ...).
+            InvalidRequest: a prompt the engine cannot take (too long ...) or a seed list of the wrong length.
             Unavailable: the engine is down.
             DeadlineExceeded: the engine did not answer in time.
         """
-        sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
         seeds = seeds_for(len(prompts), seed)
         stops = tuple(s for s in stop if s)
         return list(
@@ -104,7 +98,7 @@ class SimulationEngine(abc.ABC):
     async def complete(
         self, prompt: Prompt, sampling: SamplingParams, stop: tuple[str, ...], seed: int | None
     ) -> Completion:
-        """One completion of one prompt, with validated sampling parameters and non-empty stop strings."""
+        """One completion of one prompt, with non-empty stop strings."""
 
     async def close(self) -> None:  # noqa: B027 - engines without resources keep this no-op
         """Releases the engine's resources."""
@@ -214,14 +208,7 @@ class TransformersSimulationEngine(SimulationEngine):
         self, prompt: Prompt, sampling: SamplingParams, stop: tuple[str, ...], seed: int | None
     ) -> Completion:
         """See :meth:`SimulationEngine.complete`. Concurrent prompts join the engine's running batch."""
-        out = await self.engine.generate(
-            self.encode(prompt),
-            max_new_tokens=sampling.max_new_tokens,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            stop=stop,
-            seed=seed,
-        )
+        out = await self.engine.generate(self.encode(prompt), sampling, stop=stop, seed=seed)
         text, hit = cut_at_stop(out.text, stop)
         reason = "length" if out.finish_reason == "length" and not hit else "stop"
         return Completion(text=text, tokens=len(out.token_ids), finish_reason=reason)
@@ -282,6 +269,7 @@ class VLLMSimulationEngine(SimulationEngine):
             max_tokens=sampling.max_new_tokens,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
+            top_k=sampling.top_k,
             stop=list(stop) or None,
             seed=seed,
             output_kind=self._final_only,
@@ -390,19 +378,19 @@ class OpenAISimulationEngine(SimulationEngine):
             body["stop"] = list(stop)
         if seed is not None:
             body["seed"] = int(seed)
+        extra: dict[str, Any] = {"top_k": sampling.top_k} if sampling.top_k != -1 else {}  # a vLLM/SGLang extension
         lost = f"simulation engine unavailable after {self.max_attempts} attempts; last error: {base}"
         try:
             async with self._sem:
                 if isinstance(prompt, str):
-                    reply: Any = await client.completions.create(prompt=prompt, **body)
+                    reply: Any = await client.completions.create(prompt=prompt, extra_body=extra or None, **body)
                 else:
                     messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in prompt]
                     if not messages:
                         raise InvalidRequest("a chat prompt needs at least one message")
-                    extra = {"continue_final_message": True, "add_generation_prompt": False}
-                    reply = await client.chat.completions.create(
-                        messages=messages, extra_body=extra if continues_assistant(messages) else None, **body
-                    )
+                    if continues_assistant(messages):
+                        extra.update(continue_final_message=True, add_generation_prompt=False)
+                    reply = await client.chat.completions.create(messages=messages, extra_body=extra or None, **body)
         except openai.APITimeoutError as exc:
             if type(exc.__cause__).__name__ == "ConnectTimeout":
                 raise Unavailable(f"{lost}: connect timeout") from exc

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Histogram
 
+from searchrl.agent.settings import SamplingParams
 from searchrl.simulator.curriculum import Quality
 from searchrl.simulator.engines import SimulationEngine
 from searchrl.simulator.parsing import ParsedDocument, fill_document, parse_documents
@@ -171,9 +172,7 @@ class DocumentSimulator:
             started = time.perf_counter()
             completions = await self.engine.generate(
                 prompts,
-                max_new_tokens=budget,
-                temperature=self.temperature,
-                top_p=self.top_p,
+                SamplingParams(max_new_tokens=budget, temperature=self.temperature, top_p=self.top_p),
                 stop=stops,
                 seed=[generation_seed(base, items[i], attempt) for i in pending],
             )

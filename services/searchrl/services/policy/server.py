@@ -213,11 +213,11 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         n = request.n or 1
         if not 1 <= n <= self.config.max_n:
             raise InvalidRequest(f"n must be in [1, {self.config.max_n}], got {request.n}")
-        params = self._sampling(request.sampling, self.config.max_new_tokens).model_dump()
+        sampling = self._sampling(request.sampling, self.config.max_new_tokens)
         seed = request.sampling.seed
         outs: list[GenerationOutput] = await asyncio.gather(
             *(
-                self.engine.generate(ids, stop=list(request.sampling.stop), seed=seed + i if seed else None, **params)
+                self.engine.generate(ids, sampling, stop=list(request.sampling.stop), seed=seed + i if seed else None)
                 for i in range(n)
             )
         )

@@ -31,7 +31,7 @@ from searchrl.agent.loop import (
 )
 from searchrl.agent.prompts import render_prompt
 from searchrl.agent.search import SearchSpec, build_search_backend
-from searchrl.agent.settings import AgentSettings
+from searchrl.agent.settings import AgentSettings, SamplingParams
 from searchrl.reward.verl_reward import row_golden_answers
 from searchrl.trainer.data import row_question
 from searchrl.trainer.guards import SearchFailureWindow
@@ -64,7 +64,8 @@ class VerlServerBackend:
         server_manager: verl's ``LLMServerClient`` (or anything with the same async ``generate``).
         tokenizer: the policy tokenizer.
         base_params: verl's sampling parameters for this sample (``temperature``, ``top_p``, ``top_k``,
-            ``repetition_penalty``, ``logprobs``); the loop's stop strings and per-turn ``max_new_tokens`` are added.
+            ``repetition_penalty``, ``logprobs``); each call's sampling parameters (a ``top_k`` of -1 keeps verl's),
+            stop strings and seed are added.
         engine: ``"sglang"`` or ``"vllm"`` (how to ask for the stop string to be kept and for a seed).
         request_id: sticky-session id (one per trajectory, so turns reuse the server's prefix cache).
     """
@@ -87,11 +88,11 @@ class VerlServerBackend:
         eos = tokenizer.eos_token_id
         self.eos_ids = {int(eos)} if eos is not None else set()
 
-    def _params(
-        self, max_new_tokens: int, temperature: float, top_p: float, stop: Sequence[str], seed: int | None
-    ) -> dict[str, Any]:
+    def _params(self, sampling: SamplingParams, stop: Sequence[str], seed: int | None) -> dict[str, Any]:
         params = dict(self.base_params)
-        params.update(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+        params.update(temperature=sampling.temperature, top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens)
+        if sampling.top_k != -1:  # -1 (no limit of ours) keeps verl's top_k
+            params["top_k"] = sampling.top_k
         if stop:
             params["stop"] = list(stop)
             if self.engine == "vllm":
@@ -103,20 +104,13 @@ class VerlServerBackend:
         return params
 
     async def generate(
-        self,
-        prompt_ids: list[int],
-        *,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        stop: Sequence[str] = (),
-        seed: int | None = None,
+        self, prompt_ids: list[int], sampling: SamplingParams, *, stop: Sequence[str] = (), seed: int | None = None
     ) -> GenerationOutput:
         """One generation call through ``server_manager.generate``; the finish reason is derived from the tokens."""
         out = await self.server_manager.generate(
             request_id=self.request_id,
             prompt_ids=list(prompt_ids),
-            sampling_params=self._params(max_new_tokens, temperature, top_p, stop, seed),
+            sampling_params=self._params(sampling, stop, seed),
         )
         token_ids = [int(t) for t in out.token_ids]
         logprobs = [float(x) for x in out.log_probs] if out.log_probs else [0.0] * len(token_ids)

@@ -13,13 +13,14 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from searchrl.agent.loop import GenerationBackend, GenerationOutput
+from searchrl.agent.loop import GenerationBackend
 from searchrl.agent.settings import SamplingParams
 from searchrl.errors import InvalidRequest
 
 
 class PolicyEngine(GenerationBackend, Protocol):
-    """What the PolicyService, the evaluator and the trainer use of an engine (both engines of this package).
+    """What the PolicyService, the evaluator and the trainer use of an engine (both engines of this package):
+    :meth:`~searchrl.agent.loop.GenerationBackend.generate` and the following.
 
     Attributes:
         engine_name: ``"transformers"`` or ``"sglang"``.
@@ -41,20 +42,6 @@ class PolicyEngine(GenerationBackend, Protocol):
     @property
     def eos_token_id(self) -> int:
         """The primary EOS token id."""
-        ...
-
-    async def generate(
-        self,
-        prompt_ids: list[int],
-        *,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        stop: Sequence[str] = (),
-        seed: int | None = None,
-        top_k: int = -1,
-    ) -> GenerationOutput:
-        """One completion of ``prompt_ids``; ``top_k`` keeps the k most likely tokens (-1 or 0: all)."""
         ...
 
     async def load_weights(self, path: str, version: str = "") -> str:
@@ -79,18 +66,13 @@ class EngineBase:
         """Version label of the weights new requests are served with."""
         return self._version
 
-    def check_request(
-        self, prompt_ids: Sequence[int], max_new_tokens: int, temperature: float, top_p: float, top_k: int
-    ) -> SamplingParams:
-        """Validates one request; ``max_new_tokens`` comes back clamped to the context left after the prompt.
+    def check_request(self, prompt_ids: Sequence[int], sampling: SamplingParams) -> SamplingParams:
+        """Checks the prompt of one request; returns ``sampling`` with ``max_new_tokens`` clamped to the context left
+        after the prompt (the sampling values were validated when ``sampling`` was built).
 
         Raises:
-            InvalidRequest: bad sampling parameters (:meth:`SamplingParams.parse`; ``top_k`` 0 means -1), an empty
-                prompt, or a prompt that fills the context window.
+            InvalidRequest: an empty prompt, or a prompt that fills the context window.
         """
-        params = SamplingParams.parse(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k or -1
-        )
         if not prompt_ids:
             raise InvalidRequest("prompt is empty")
         if len(prompt_ids) >= self.max_context_tokens:
@@ -98,14 +80,13 @@ class EngineBase:
                 f"prompt has {len(prompt_ids)} tokens; the model's context window is {self.max_context_tokens} tokens"
             )
         left = self.max_context_tokens - len(prompt_ids)
-        return params.model_copy(update={"max_new_tokens": min(params.max_new_tokens, left)})
+        return sampling.model_copy(update={"max_new_tokens": min(sampling.max_new_tokens, left)})
 
     async def generate_text(
         self: PolicyEngine,
         prompts: Sequence[str],
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
+        sampling: SamplingParams,
+        *,
         stop: Sequence[str] = (),
         seed: int | None = None,
     ) -> list[str]:
@@ -113,22 +94,20 @@ class EngineBase:
 
         Args:
             prompts: prompt strings (apply a chat template first if the model needs one).
-            max_new_tokens, temperature, top_p, stop: as in :meth:`PolicyEngine.generate`.
+            sampling, stop: as in :meth:`PolicyEngine.generate`.
             seed: prompt ``i`` is sampled with ``seed + i`` (``None``: unseeded).
 
         Returns:
             One completion text per prompt, in order.
 
         Raises:
-            InvalidRequest: an empty prompt or bad sampling parameters.
+            InvalidRequest: an empty prompt.
         """
         outs = await asyncio.gather(
             *(
                 self.generate(
                     self.tokenizer.encode(p, add_special_tokens=False),
-                    max_new_tokens=max_new_tokens,
-                    temperature=temperature,
-                    top_p=top_p,
+                    sampling,
                     stop=stop,
                     seed=None if seed is None else seed + i,
                 )

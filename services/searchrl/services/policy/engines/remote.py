@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from searchrl.agent.loop import GenerationOutput
+from searchrl.agent.settings import SamplingParams
 from searchrl.client.policy import PolicyClient
 
 
@@ -26,14 +27,7 @@ class RemotePolicyBackend:
         self.tokenizer = tokenizer
 
     async def generate(
-        self,
-        prompt_ids: list[int],
-        *,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        stop: Sequence[str] = (),
-        seed: int | None = None,
+        self, prompt_ids: list[int], sampling: SamplingParams, *, stop: Sequence[str] = (), seed: int | None = None
     ) -> GenerationOutput:
         """Calls ``Generate`` with n=1 and returns its completion.
 
@@ -42,13 +36,7 @@ class RemotePolicyBackend:
             Unavailable: the server is down.
         """
         resp = await self.client.generate(
-            token_ids=list(prompt_ids),
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            stop=list(stop),
-            seed=seed,
-            n=1,
+            token_ids=list(prompt_ids), **sampling.model_dump(), stop=list(stop), seed=seed, n=1
         )
         c = resp.completions[0]
         return GenerationOutput(

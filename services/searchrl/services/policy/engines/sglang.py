@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from searchrl.agent.loop import GenerationOutput
+from searchrl.agent.settings import SamplingParams
 from searchrl.errors import InvalidRequest, Unavailable
 from searchrl.services.policy.engines.base import EngineBase
 
@@ -154,15 +155,7 @@ class SGLangEngine(EngineBase):
         return resp.json()
 
     async def generate(
-        self,
-        prompt_ids: list[int],
-        *,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        stop: Sequence[str] = (),
-        seed: int | None = None,
-        top_k: int = -1,
+        self, prompt_ids: list[int], sampling: SamplingParams, *, stop: Sequence[str] = (), seed: int | None = None
     ) -> GenerationOutput:
         """Samples one completion; the contract of :meth:`TransformersEngine.generate`, except that ``seed``
         reproduces tokens only with deterministic inference (see the class doc).
@@ -173,18 +166,18 @@ class SGLangEngine(EngineBase):
             ``"length"``.
 
         Raises:
-            InvalidRequest: empty or over-long prompt, bad sampling parameters (ours, or SGLang's ``ValueError``).
+            InvalidRequest: empty or over-long prompt, sampling parameters SGLang rejects (its ``ValueError``).
             Unavailable: the SGLang server is unreachable or failed.
             RuntimeError: called on another event loop than the one the in-process engine was built on.
         """
-        params = self.check_request(prompt_ids, max_new_tokens, temperature, top_p, top_k)
+        params = self.check_request(prompt_ids, sampling)
         if seed is not None and not self.deterministic and not self._seed_warned:
             self._seed_warned = True
             log.warning(
                 "SGLang ignores sampling seeds unless deterministic inference is on (--sglang-deterministic / "
                 "enable_deterministic_inference): seeded requests are not reproducible"
             )
-        sampling: dict[str, Any] = {
+        body: dict[str, Any] = {
             **params.model_dump(),
             "no_stop_trim": True,  # keep the stop string in the output text
             "skip_special_tokens": True,
@@ -192,18 +185,18 @@ class SGLangEngine(EngineBase):
             "sampling_seed": int(seed) % 2**63 if seed is not None else random.getrandbits(63),
         }
         if stop:
-            sampling["stop"] = list(stop)
+            body["stop"] = list(stop)
         if self._engine is not None:
             self._check_loop()
             try:
                 out = await self._engine.async_generate(
-                    input_ids=list(prompt_ids), sampling_params=sampling, return_logprob=True
+                    input_ids=list(prompt_ids), sampling_params=body, return_logprob=True
                 )
             except ValueError as exc:  # SamplingParams.verify/normalize and request validation
                 raise InvalidRequest(f"SGLang rejected the request: {exc}") from exc
         else:
             out = await self._post(
-                "/generate", {"input_ids": list(prompt_ids), "sampling_params": sampling, "return_logprob": True}
+                "/generate", {"input_ids": list(prompt_ids), "sampling_params": body, "return_logprob": True}
             )
         if isinstance(out, list):
             out = out[0]

@@ -165,27 +165,17 @@ class TransformersEngine(EngineBase):
 
     # ----------------------------------------------------------------------------------------------- public API
     async def generate(
-        self,
-        prompt_ids: list[int],
-        *,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        stop: Sequence[str] = (),
-        seed: int | None = None,
-        top_k: int = -1,
+        self, prompt_ids: list[int], sampling: SamplingParams, *, stop: Sequence[str] = (), seed: int | None = None
     ) -> GenerationOutput:
         """Samples one completion of ``prompt_ids``.
 
         Args:
             prompt_ids: prompt token ids, length >= 1.
-            max_new_tokens: at most this many new tokens (clamped to the context left after the prompt).
-            temperature: softmax temperature; 0 is greedy.
-            top_p: nucleus mass in (0, 1].
+            sampling: temperature (0 is greedy), top-p, top-k (-1: no limit) and ``max_new_tokens`` (clamped to the
+                context left after the prompt).
             stop: generation stops after the first token whose decoded text completes any of these strings; the
                 stop string stays in ``text`` (the token that completed it may carry a few characters after it).
             seed: makes the sampled tokens reproducible (per request, independent of batching).
-            top_k: keep the k most likely tokens; -1 (or 0) disables.
 
         Returns:
             The completion: ``token_ids`` (the EOS token is included when sampled), ``logprobs`` (one per token,
@@ -193,11 +183,10 @@ class TransformersEngine(EngineBase):
             and ``finish_reason`` ``"stop"``, ``"eos"`` or ``"length"``.
 
         Raises:
-            InvalidRequest: empty prompt, a token id outside the vocabulary, a prompt that fills the context window,
-                or bad sampling parameters.
+            InvalidRequest: empty prompt, a token id outside the vocabulary or a prompt that fills the context window.
             Unavailable: the engine is closed or the forward pass failed.
         """
-        params = self.check_request(prompt_ids, max_new_tokens, temperature, top_p, top_k)
+        params = self.check_request(prompt_ids, sampling)
         if min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size:
             raise InvalidRequest(f"prompt token ids must be in [0, {self.vocab_size})")
         if self._closed:
