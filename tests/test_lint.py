@@ -78,3 +78,48 @@ def test_import_layers_catch_a_service_importing_the_trainer(tmp_path: Path) -> 
     assert res.returncode == 1, res.stdout + res.stderr
     assert "searchrl.services is not allowed to import searchrl.trainer" in res.stdout
     assert "searchrl.services.policy.server -> searchrl.trainer.local" in res.stdout
+
+
+# Imported only inside the GPU images, which install them from their own locks (deploy/docker/locks/*-gpu.lock): no
+# extra can hold them next to the CPU torch pin (pyproject.toml, the comment above [project.optional-dependencies].dev).
+GPU_IMAGE_ONLY = {"vllm", "sglang", "ray"}
+# Modules that belong to a declared distribution's own release (pydantic pins its pydantic-core exactly).
+PART_OF = {"pydantic_core": "pydantic"}
+
+
+def test_every_third_party_import_is_declared() -> None:
+    """Every module the product code imports (lazily too) comes from a distribution pyproject.toml declares."""
+    import ast
+    import importlib.metadata
+    import re
+
+    import tomllib
+
+    def canonical(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + sum(project["optional-dependencies"].values(), [])
+    declared = {canonical(re.split(r"[\s\[<>=!~;]", r, maxsplit=1)[0]) for r in requirements}
+    distributions = importlib.metadata.packages_distributions()
+    undeclared = []
+    for portion in PORTIONS:
+        for path in sorted((ROOT / portion / "searchrl").rglob("*.py")):
+            if "_pb2" in path.name:
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                for top in {n.split(".")[0] for n in names}:
+                    if top in sys.stdlib_module_names or top == "searchrl" or top in GPU_IMAGE_ONLY:
+                        continue
+                    dists = {canonical(d) for d in distributions.get(PART_OF.get(top, top), [])}
+                    if not dists & declared:
+                        undeclared.append(
+                            f"{path.relative_to(ROOT)}: {top} (from {sorted(dists) or 'nothing installed'})"
+                        )
+    assert not undeclared, "imports no pyproject.toml requirement declares:\n" + "\n".join(undeclared)

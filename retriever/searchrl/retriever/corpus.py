@@ -218,9 +218,9 @@ class PassageStore:
         pos = 0
         it: Iterable[Passage] = passages
         if progress:
-            from tqdm import tqdm
+            from rich.progress import track
 
-            it = tqdm(passages, desc="passage store", unit="passage")
+            it = track(passages, description="passage store")
         with open(tmp / "passages.bin", "wb") as fh:
             for p in it:
                 pid, title, text = p.id.encode(), p.title.encode(), p.text.encode()
