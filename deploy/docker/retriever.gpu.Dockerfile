@@ -22,7 +22,7 @@ COPY deploy/docker/locks/retriever-gpu.lock /tmp/locks/
 # setuptools and wheel, not with unpinned build tools.
 RUN uv pip sync --require-hashes --build-constraints /tmp/locks/retriever-gpu.lock --require-build-hashes /tmp/locks/retriever-gpu.lock
 WORKDIR /src
-COPY pyproject.toml setup.py README.md ./
+COPY pyproject.toml README.md ./
 COPY searchrl searchrl
 COPY services services
 COPY retriever retriever

@@ -15,7 +15,7 @@ COPY deploy/docker/locks/simulator.lock /tmp/locks/
 # --build-constraints/--require-build-hashes: a package built from its sdist here builds with the lock's hashed
 # setuptools and wheel, not with unpinned build tools.
 RUN uv pip sync --require-hashes --build-constraints /tmp/locks/simulator.lock --require-build-hashes /tmp/locks/simulator.lock
-COPY pyproject.toml setup.py README.md ./
+COPY pyproject.toml README.md ./
 COPY searchrl searchrl
 COPY services services
 COPY retriever retriever

@@ -20,7 +20,7 @@ COPY deploy/docker/locks/simulator-gpu.lock /tmp/locks/
 # setuptools and wheel, not with unpinned build tools.
 RUN uv pip sync --require-hashes --build-constraints /tmp/locks/simulator-gpu.lock --require-build-hashes /tmp/locks/simulator-gpu.lock
 WORKDIR /src
-COPY pyproject.toml setup.py README.md ./
+COPY pyproject.toml README.md ./
 COPY searchrl searchrl
 COPY services services
 COPY retriever retriever

@@ -30,7 +30,7 @@ ARG MAX_JOBS=4
 RUN FLASH_ATTENTION_FORCE_BUILD=TRUE FLASH_ATTN_CUDA_ARCHS="${FLASH_ATTN_CUDA_ARCHS}" MAX_JOBS="${MAX_JOBS}" \
     uv pip install --require-hashes --no-deps --no-build-isolation -r /tmp/locks/trainer-gpu-flash-attn.lock
 WORKDIR /src
-COPY pyproject.toml setup.py README.md ./
+COPY pyproject.toml README.md ./
 COPY searchrl searchrl
 COPY services services
 COPY retriever retriever

@@ -194,3 +194,25 @@ def test_health_probe_speaks_tls_like_the_charts_exec_probe(tmp_path):
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+@pytest.mark.parametrize("path", _dockerfiles(), ids=lambda p: p.name)
+def test_every_copy_source_is_in_the_build_context(path):
+    """``docker build`` runs from the repository root: each ``COPY`` from the context names a file or folder that
+    exists there, and what the wheel build needs (the pyproject's ``packages`` folders) is copied."""
+    import tomllib
+
+    copied: set[str] = set()
+    for word, rest in _instructions(path):
+        if word != "COPY" or "--from=" in rest:
+            continue
+        args = [a for a in rest.split() if not a.startswith("--")]
+        for src in args[:-1]:
+            assert (ROOT / src).exists(), f"{path.name}: COPY {src}: not in the repository"
+            copied.add(src.rstrip("/"))
+    if any(w == "RUN" and "--no-build-isolation ." in r for w, r in _instructions(path)):
+        wheel = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"]["wheel"]
+        for package in wheel["packages"]:
+            top = package.split("/")[0]
+            assert top in copied or package in copied, f"{path.name}: the wheel needs {package}, not copied"
+        assert "pyproject.toml" in copied and "README.md" in copied
