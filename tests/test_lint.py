@@ -10,9 +10,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import tomllib
+
 ROOT = Path(__file__).resolve().parent.parent
-# The folders that hold the searchrl namespace (pyproject.toml [tool.hatch.build.targets.wheel] dev-mode-dirs).
-PORTIONS = ["", "services", "retriever", "simulator", "trainer", "evaluator"]
+# The folders that hold the searchrl namespace ("" is the root): pyproject.toml's dev-mode-dirs, the editable install.
+PORTIONS = [
+    d.strip(".")
+    for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"]["wheel"][
+        "dev-mode-dirs"
+    ]
+]
 # The core, checked with --strict (pyproject.toml [[tool.mypy.overrides]] strict = true lists the same modules).
 STRICT = [
     *("-p", "searchrl.agent", "-p", "searchrl.reward", "-p", "searchrl.data", "-p", "searchrl.serving"),
@@ -92,8 +99,6 @@ def test_every_third_party_import_is_declared() -> None:
     import ast
     import importlib.metadata
     import re
-
-    import tomllib
 
     def canonical(name: str) -> str:
         return re.sub(r"[-_.]+", "-", name).lower()

@@ -14,7 +14,7 @@ import hashlib
 from typing import Annotated, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from typing_extensions import Self
 
 from searchrl.agent.prompts import PROTOCOLS, TEMPLATES
@@ -126,25 +126,12 @@ class AgentSettings(Checked):
     truncate_side: str = "right"
     max_prompt_tokens: Annotated[int, Field(ge=0)] = 0
 
-    @field_validator("template")
+    @field_validator("template", "protocol", "truncate_side")
     @classmethod
-    def _template(cls, v: str) -> str:
-        if v not in TEMPLATES:
-            raise ValueError(f"unknown template {v!r}; expected one of {TEMPLATES}")
-        return v
-
-    @field_validator("protocol")
-    @classmethod
-    def _protocol(cls, v: str) -> str:
-        if v not in PROTOCOLS:
-            raise ValueError(f"unknown protocol {v!r}; expected one of {sorted(PROTOCOLS)}")
-        return v
-
-    @field_validator("truncate_side")
-    @classmethod
-    def _side(cls, v: str) -> str:
-        if v not in TRUNCATE_SIDES:
-            raise ValueError(f"truncate_side must be one of {TRUNCATE_SIDES}, got {v!r}")
+    def _one_of(cls, v: str, info: ValidationInfo) -> str:
+        choices = {"template": TEMPLATES, "protocol": tuple(sorted(PROTOCOLS)), "truncate_side": TRUNCATE_SIDES}
+        if v not in choices[str(info.field_name)]:
+            raise ValueError(f"unknown {info.field_name} {v!r}; expected one of {choices[str(info.field_name)]}")
         return v
 
 
