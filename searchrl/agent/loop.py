@@ -283,13 +283,19 @@ def format_documents(documents: Sequence[rollout_pb2.Document], max_doc_chars: i
         documents: the documents, best first.
         max_doc_chars: cut each text to this many characters (0: no limit).
     """
-    lines = []
-    for i, doc in enumerate(documents, start=1):
-        text = " ".join(doc.text.split())
-        if max_doc_chars and len(text) > max_doc_chars:
-            text = text[:max_doc_chars].rsplit(" ", 1)[0] + " ..."
-        lines.append(f"Doc {i} (Title: {doc.title}) {text}")
-    return "\n".join(lines)
+    return "\n".join(
+        f"Doc {i} (Title: {doc.title}) {cut_document_text(doc.text, max_doc_chars)}"
+        for i, doc in enumerate(documents, start=1)
+    )
+
+
+def cut_document_text(text: str, max_doc_chars: int = 0) -> str:
+    """A document's text as the policy reads it: whitespace collapsed, cut at the last word boundary within
+    ``max_doc_chars`` characters followed by ``" ..."`` (0: no limit)."""
+    text = " ".join(text.split())
+    if max_doc_chars and len(text) > max_doc_chars:
+        text = text[:max_doc_chars].rsplit(" ", 1)[0] + " ..."
+    return text
 
 
 def _search_backend_name(search: object | None) -> str:
@@ -495,6 +501,12 @@ class AgentLoop:
                     finish = "token_budget"  # the documents do not fit: end here rather than cut them
                     turn.finish_reason = turn.finish_reason or "token_budget"
                 else:
+                    if cfg.answer_prefix and turn_index + 1 == cfg.max_turns - 1:
+                        # the next turn is the last: scaffold the answer (the environment writes it, loss mask 0)
+                        scaffold = self.encode(cfg.answer_prefix)
+                        if len(response_ids) + len(obs_ids) + len(scaffold) < cfg.max_response_tokens:
+                            obs_ids += scaffold
+                            pending_text = cfg.answer_prefix
                     response_ids += obs_ids
                     loss_mask += [0] * len(obs_ids)
                     logprobs += [0.0] * len(obs_ids)

@@ -2,6 +2,9 @@
 
 Two forms, as in ReSearch:
 
+* ``research_short`` - :func:`short_system_prompt`: the tag rules in two sentences and no worked example (about 60
+  prompt tokens instead of 230), for small instruct models whose response prefix and answer prefix already steer the
+  format; every rollout and update token of the prompt costs CPU time.
 * ``research_base`` - for base models: one plain-text "conversation between User and Assistant" with no chat
   template (ReSearch's ``apply_chat False`` + ``re_search_template``).
 * ``research_instruct`` - for instruct models: the instructions go in a system prompt rendered by the tokenizer's
@@ -21,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-TEMPLATES = ("research_instruct", "research_base")
+TEMPLATES = ("research_instruct", "research_base", "research_short")
 
 THINK_PREFIX = "<think>"
 """The default response prefix: the response opens a reasoning block."""
@@ -116,6 +119,23 @@ def system_prompt(protocol: str = "research") -> str:
     )
 
 
+def short_system_prompt(protocol: str = "research") -> str:
+    """The system prompt of ``research_short``: the tag rules without the worked example.
+
+    Its example answer is a real one (``\\boxed{Paris}``), not a placeholder such as ``\\boxed{answer}``: a 135M
+    model copies a placeholder into its answer, and with no example at all it does not close the answer block.
+
+    Raises:
+        ValueError: unknown protocol name.
+    """
+    p = get_protocol(protocol)
+    return (
+        f"Answer the question. To search Wikipedia, write a search between {p.search_open} and {p.search_close}; the "
+        f"results appear between {p.obs_open} and {p.obs_close}. Then write the final answer, a name, a date or a few "
+        f"words taken from the results, as in {p.answer_open} \\boxed{{Paris}} {p.answer_close}."
+    )
+
+
 def base_prompt_text(question: str, protocol: str = "research") -> str:
     """The plain-text ``research_base`` prompt ending in ``"Assistant:"`` (no chat template).
 
@@ -130,14 +150,15 @@ def base_prompt_text(question: str, protocol: str = "research") -> str:
     )
 
 
-def instruct_messages(question: str, protocol: str = "research") -> list[dict[str, str]]:
-    """The chat messages of ``research_instruct``: the system prompt and the question as the user turn.
+def instruct_messages(question: str, protocol: str = "research", *, short: bool = False) -> list[dict[str, str]]:
+    """The chat messages of ``research_instruct`` (``short``: of ``research_short``): the system prompt and the
+    question as the user turn.
 
     Raises:
         ValueError: unknown protocol name.
     """
     return [
-        {"role": "system", "content": system_prompt(protocol)},
+        {"role": "system", "content": short_system_prompt(protocol) if short else system_prompt(protocol)},
         {"role": "user", "content": f"Question: {question.strip()}"},
     ]
 
@@ -163,7 +184,7 @@ def render_prompt(
     Args:
         tokenizer: a Hugging Face tokenizer (``research_instruct`` needs a chat template).
         question: the question text.
-        template: ``"research_instruct"`` or ``"research_base"``.
+        template: ``"research_instruct"``, ``"research_short"`` or ``"research_base"``.
         protocol: ``"research"`` or ``"search_r1"`` (observation tags).
 
     Returns:
@@ -174,10 +195,10 @@ def render_prompt(
     """
     if template == "research_base":
         text = base_prompt_text(question, protocol)
-    elif template == "research_instruct":
+    elif template in ("research_instruct", "research_short"):
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("research_instruct needs a tokenizer with a chat template; use research_base")
-        messages = instruct_messages(question, protocol=protocol)
+            raise ValueError(f"{template} needs a tokenizer with a chat template; use research_base")
+        messages = instruct_messages(question, protocol=protocol, short=template == "research_short")
         text = str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
     else:
         raise ValueError(f"unknown template {template!r}; expected one of {TEMPLATES}")

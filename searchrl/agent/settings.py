@@ -91,7 +91,8 @@ class AgentSettings(Checked):
     """Settings of the agent loop (:class:`searchrl.agent.loop.AgentLoop`).
 
     Attributes:
-        template: ``"research_instruct"`` (chat template + system prompt) or ``"research_base"`` (plain text).
+        template: ``"research_instruct"`` (chat template + system prompt), ``"research_short"`` (the same without
+            the worked example) or ``"research_base"`` (plain text).
         protocol: ``"research"`` (``<result>``) or ``"search_r1"`` (``<information>``).
         max_turns: assistant turns (generation calls) per episode.
         max_response_tokens: budget of response tokens, generated plus inserted.
@@ -100,6 +101,9 @@ class AgentSettings(Checked):
         temperature, top_p: sampling parameters of every turn (validated as in :class:`SamplingParams`).
         response_prefix: text written at the start of the response (loss mask 0), e.g. ``"<think>"``; empty: none.
             ``{question}`` in it is replaced by the question (e.g. to force a first search for it).
+        answer_prefix: text written after the observation that the last turn reads (loss mask 0), an *answer
+            scaffold* such as ``"\\n<answer> \\boxed{"``: the last turn then only has to write the answer and close
+            the tags. Empty: none. It is part of the response text the reward sees.
         search_timeout_s: deadline of one search, in seconds; a timeout gives an error observation.
         max_query_chars: longer queries get an error observation instead of a search.
         max_doc_chars: each document's text is cut to this many characters (0: no limit).
@@ -119,6 +123,7 @@ class AgentSettings(Checked):
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
     response_prefix: str = "<think>"
+    answer_prefix: str = ""
     search_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     max_query_chars: Annotated[int, Field(ge=1)] = 2000
     max_doc_chars: Annotated[int, Field(ge=0)] = 0

@@ -400,3 +400,34 @@ async def test_real_model_concurrent_episodes_end_cleanly(engine, tokenizer) -> 
         assert ep.finish_reason in ("answer", "eos", "turn_limit", "token_budget")
         assert len(ep.response_ids) <= 64
         check_mask_layout(ep, tokenizer)
+
+
+async def test_answer_prefix_scaffolds_the_last_turn(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """The answer prefix follows the observation that the last turn reads, with loss mask 0, and counts as part of the
+    answer the reward parses; it is not written before an earlier turn, nor when the loop has turns to spare."""
+    prefix = "<think> I should look it up. </think>\n<search>"
+    scaffold = "\n<answer> \\boxed{"
+    gen = Scripted(tokenizer, [" Eiffel Tower </search>", "Paris} </answer>"])
+    cfg = AgentLoopConfig(response_prefix=prefix, answer_prefix=scaffold, max_turns=2)
+    ep = await AgentLoop(gen, InProcessSearch(lookup), cfg).run("Q?")
+    assert ep.answer == "Paris" and ep.finish_reason == "answer"
+    text = tokenizer.decode(gen.calls[1]["prompt_ids"][-8:])  # the last turn's context ends with the scaffold
+    assert text.endswith("<answer> \\boxed{"), text
+    generated = tokenizer.decode([t for t, m in zip(ep.response_ids, ep.loss_mask, strict=True) if m])
+    assert "boxed" not in generated and "Paris" in generated
+    # three turns allowed: after the first search the next turn is not the last, so no scaffold yet
+    gen3 = Scripted(tokenizer, [" Eiffel Tower </search>", "<answer> \\boxed{Paris} </answer>"])
+    cfg3 = AgentLoopConfig(response_prefix=prefix, answer_prefix=scaffold, max_turns=3)
+    ep3 = await AgentLoop(gen3, InProcessSearch(lookup), cfg3).run("Q?")
+    assert ep3.answer == "Paris" and ep3.response_text.count("<answer>") == 1
+
+
+def test_short_template_keeps_the_tag_rules_in_a_quarter_of_the_tokens(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    from searchrl.agent.prompts import render_prompt
+
+    long = render_prompt(tokenizer, "Who wrote Dracula?", "research_instruct")
+    short = render_prompt(tokenizer, "Who wrote Dracula?", "research_short", "search_r1")
+    assert len(short.ids) * 2 < len(long.ids)
+    for tag in ("<search>", "</search>", "<information>", "</information>", "<answer> \\boxed{", "Who wrote Dracula?"):
+        assert tag in short.text, tag
+    assert short.text.endswith("<|im_start|>assistant\n")

@@ -65,7 +65,8 @@ def render_baseline_prompt(
         question: the question.
         documents: retrieved documents (``rag``), shown as the agent sees them
             (:func:`searchrl.agent.loop.format_documents`).
-        template: ``"research_instruct"`` (chat template) or ``"research_base"`` (plain text).
+        template: ``"research_instruct"`` or ``"research_short"`` (chat template; the baselines have one system
+            prompt for both) or ``"research_base"`` (plain text).
         response_prefix: text appended after the assistant header that starts the response (the agent loop's
             default ``<think>``); it is part of the response the reward sees.
         max_doc_chars: cut each document to this many characters (0: no limit).
@@ -79,11 +80,9 @@ def render_baseline_prompt(
     if method not in ("direct", "rag"):
         raise InvalidRequest(f"unknown baseline {method!r}; expected direct or rag")
     docs = format_documents(list(documents), max_doc_chars) if method == "rag" else ""
-    if template == "research_instruct":
+    if template in ("research_instruct", "research_short"):
         if not getattr(tokenizer, "chat_template", None):
-            raise InvalidRequest(
-                "research_instruct needs a tokenizer with a chat template; use --template research_base"
-            )
+            raise InvalidRequest(f"{template} needs a tokenizer with a chat template; use --template research_base")
         messages = [
             {"role": "system", "content": _system(method)},
             {"role": "user", "content": _user(method, question, docs)},
@@ -95,6 +94,8 @@ def render_baseline_prompt(
             f"{_system(method)}\nUser: {_user(method, question, docs)}\nAssistant:"
         )
     else:
-        raise InvalidRequest(f"unknown template {template!r}; expected research_instruct or research_base")
+        raise InvalidRequest(
+            f"unknown template {template!r}; expected research_instruct, research_short or research_base"
+        )
     text += response_prefix
     return text, [int(x) for x in tokenizer.encode(text, add_special_tokens=False)]
