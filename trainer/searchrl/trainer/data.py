@@ -20,6 +20,12 @@ only when the answer is a scalar (string, number or yes/no): the rewards compare
 de-duplicated by question text, shuffled with ``--seed`` and split into train / validation.
 
 The local trainer reads the same parquet (or any source spec directly) through :func:`load_examples`.
+
+Questions the corpus can answer (:mod:`searchrl.trainer.answerable`): ``searchrl data coverage [--sources ...]
+[--top-k 3 5]`` prints each source's in-corpus coverage and answer recall@k against the retrieval index (default the
+bundled Wikipedia summaries); ``searchrl data prepare --answerable [--top-k 3] [--fractions 0.7,0.1,0.2] --out DIR``
+keeps the questions whose gold answer is in the top-k passages retrieved for them and writes entity-disjoint
+``train.parquet``, ``dev.jsonl`` and ``heldout.jsonl`` with ``coverage.json`` / ``coverage.md``.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from typing import Any
 
 from searchrl.agent.prompts import instruct_messages
 from searchrl.data.datasets import FANOUTQA, FANOUTQA_SUB, Example, load_dataset
-from searchrl.errors import InvalidRequest
+from searchrl.errors import FailedPrecondition, InvalidRequest
 from searchrl.reward.verl_reward import row_golden_answers
 
 AGENT_NAME = "searchrl_research"
@@ -276,8 +282,70 @@ def prepare(
     return PreparedData(train_path, val_path, len(train), len(val), manifest_path)
 
 
+def _print_coverage(rows: Sequence[Any], ks: Sequence[int], title: str) -> None:
+    """A rich table of :class:`searchrl.trainer.answerable.SourceCoverage` rows on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("source")
+    table.add_column("questions", justify="right")
+    table.add_column("in corpus %", justify="right")
+    for k in ks:
+        table.add_column(f"answer recall@{k} %", justify="right")
+    for r in rows:
+        table.add_row(
+            r.source,
+            str(r.questions),
+            f"{100 * r.in_corpus_share:.1f}",
+            *(f"{100 * r.answer_recall(k):.1f}" for k in ks),
+        )
+    Console(width=max(100, 24 + 22 * len(ks))).print(table)
+
+
+def _coverage_main(args: argparse.Namespace) -> int:
+    from searchrl.trainer.answerable import load_sources, measure_coverage
+
+    ks = sorted(set(args.top_k))
+    examples = load_sources(args.sources)
+    rows = measure_coverage(
+        examples, top_k=ks, index=args.index, torch_threads=args.torch_threads, max_doc_chars=args.max_doc_chars
+    )
+    _print_coverage(list(rows.values()), ks, f"Answer coverage of index {args.index!r}")
+    return 0
+
+
+def _answerable_main(args: argparse.Namespace) -> int:
+    from searchrl.trainer.answerable import ANSWERABLE_SOURCES, COVERAGE_SOURCES, build_answerable_sets
+
+    sets = build_answerable_sets(
+        args.source or ANSWERABLE_SOURCES,
+        args.out,
+        top_k=args.top_k,
+        fractions=args.fractions,
+        seed=args.seed,
+        index=args.index,
+        coverage_sources=args.coverage_source if args.coverage_source is not None else COVERAGE_SOURCES,
+        protocol=args.protocol,
+        scheme=args.scheme,
+        agent_name=args.agent_name,
+        torch_threads=args.torch_threads,
+        max_doc_chars=args.max_doc_chars,
+    )
+    _print_coverage(list(sets.coverage.values()), [sets.top_k], f"Answer coverage of index {args.index!r}")
+    _print_coverage(list(sets.set_coverage.values()), [sets.top_k], "Answerable sets")
+    for split, counts in sets.by_source.items():
+        detail = ", ".join(f"{s} {n}" for s, n in counts.items())
+        print(f"{split}: {sets.rows[split]} rows, {sets.entities[split]} entities ({detail})")
+    print(f"wrote {sets.train_path}, {sets.dev_path}, {sets.heldout_path}, {sets.coverage_json} and {sets.coverage_md}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``searchrl data prepare``: writes verl parquet splits; returns the exit code."""
+    """``searchrl data prepare|coverage``: writes verl parquet splits or prints answer coverage; returns the exit
+    code."""
+    from searchrl.trainer.answerable import COVERAGE_SOURCES, parse_fractions
+
     parser = argparse.ArgumentParser(
         prog="searchrl data", description="Prepare training data in verl's parquet format."
     )
@@ -287,7 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--source",
         action="append",
         default=None,
-        help="fanoutqa-sub | fanoutqa | bench:NAME[/SPLIT] | [name=]PATH.jsonl (repeatable; default fanoutqa-sub)",
+        help="fanoutqa-sub | fanoutqa | bench:NAME[/SPLIT] | [name=]PATH.jsonl (repeatable; default fanoutqa-sub, "
+        "with --answerable bench:nq, bench:triviaqa, bench:popqa, fanoutqa-sub)",
     )
     p.add_argument("--out", default="data/train", help="output folder for train.parquet, val.parquet, manifest.json")
     p.add_argument("--limit", type=int, default=None, help="keep at most this many rows in total")
@@ -305,8 +374,58 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="reward scheme stored in extra_info.scheme (default: none, the verl config's reward_kwargs decide)",
     )
     p.add_argument("--agent-name", default=AGENT_NAME, help="verl agent loop for each row (agent_name column)")
+    p.add_argument(
+        "--answerable",
+        action="store_true",
+        help="keep only questions whose gold answer is in the top-k passages retrieved for them, split by evidence "
+        "page into train.parquet, dev.jsonl, heldout.jsonl (+ coverage.json, coverage.md)",
+    )
+    p.add_argument("--top-k", type=int, default=3, help="with --answerable: passages per question (answer recall@k)")
+    p.add_argument(
+        "--fractions",
+        type=parse_fractions,
+        default=(0.7, 0.1, 0.2),
+        help="with --answerable: train,dev,heldout shares of the entities (default 0.7,0.1,0.2)",
+    )
+    p.add_argument(
+        "--coverage-source",
+        action="append",
+        default=None,
+        help="with --answerable: sources whose coverage is measured for the table (repeatable; default every "
+        "bundled source)",
+    )
+    p.add_argument(
+        "--index", default="wiki", help="with --answerable: index directory or wiki[:type] (default: bundled wiki)"
+    )
+    p.add_argument("--torch-threads", type=int, default=0, help="query-encoder threads (0: torch's default)")
+    p.add_argument(
+        "--max-doc-chars",
+        type=int,
+        default=0,
+        help="count only the first N characters of each passage's text, what the agent reads (0: whole passages)",
+    )
+    c = sub.add_parser("coverage", help="in-corpus coverage and answer recall@k of question sources")
+    c.add_argument(
+        "--sources",
+        nargs="+",
+        default=list(COVERAGE_SOURCES),
+        help="source specs (default: every bundled source)",
+    )
+    c.add_argument("--top-k", type=int, nargs="+", default=[3], help="one or more k of answer recall@k (default 3)")
+    c.add_argument("--index", default="wiki", help="index directory or wiki[:type] (default: bundled wiki)")
+    c.add_argument("--torch-threads", type=int, default=0, help="query-encoder threads (0: torch's default)")
+    c.add_argument(
+        "--max-doc-chars",
+        type=int,
+        default=0,
+        help="count only the first N characters of each passage's text, what the agent reads (0: whole passages)",
+    )
     args = parser.parse_args(list(argv) if argv is not None else None)
     try:
+        if args.cmd == "coverage":
+            return _coverage_main(args)
+        if args.answerable:
+            return _answerable_main(args)
         res = prepare(
             args.source or ["fanoutqa-sub"],
             args.out,
@@ -318,8 +437,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             scheme=args.scheme,
             agent_name=args.agent_name,
         )
-    except (InvalidRequest, FileNotFoundError) as exc:
-        print(f"searchrl data prepare: {exc}", file=sys.stderr)
+    except (InvalidRequest, FailedPrecondition, FileNotFoundError) as exc:
+        print(f"searchrl data {args.cmd}: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {res.train_path} ({res.train_rows} rows) and {res.val_path} ({res.val_rows} rows)")
     return 0
