@@ -4,7 +4,9 @@ Layout of one checkpoint (written to ``step_NNNNNN.tmp`` and renamed, so a crash
 
     <checkpoint dir>/step_000020/
         model/               Hugging Face checkpoint (safetensors + tokenizer): ``from_pretrained`` and the
-                             PolicyService ``LoadWeights`` read it directly
+                             PolicyService ``LoadWeights`` read it directly (a LoRA run writes the merged model)
+        adapter/             LoRA runs only: the peft adapter (``adapter_config.json``, ``adapter_model.safetensors``)
+                             that resuming puts back on the base model
         trainer_state.pt     optimizer and LR-scheduler state, RNG states (python, numpy, torch), data cursor,
                              guard history, step, MLflow run id
         config.yaml          the run's config
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 STATE_FILE = "trainer_state.pt"
 MODEL_DIR = "model"
+ADAPTER_DIR = "adapter"
 LATEST = "latest"
 
 
@@ -65,6 +68,11 @@ class CheckpointInfo:
         """The Hugging Face model folder (what ``LoadWeights`` takes)."""
         return self.path / MODEL_DIR
 
+    @property
+    def adapter_path(self) -> Path:
+        """The peft LoRA adapter folder (present only in checkpoints of LoRA runs)."""
+        return self.path / ADAPTER_DIR
+
 
 def list_checkpoints(root: str | Path) -> list[CheckpointInfo]:
     """Complete checkpoints under ``root``, oldest first (half-written ``.tmp`` folders are ignored)."""
@@ -94,17 +102,19 @@ def save_checkpoint(
     state: dict[str, Any],
     config_yaml: str,
     keep_last: int,
+    adapter: Any = None,
 ) -> CheckpointInfo:
     """Writes one checkpoint atomically and prunes old ones.
 
     Args:
         root: checkpoint folder.
         step: the step just finished.
-        model: the policy (``save_pretrained``).
+        model: the policy as a plain transformers model (``save_pretrained``; with LoRA the merged model).
         tokenizer: its tokenizer (saved next to the weights so the folder loads on its own).
         state: trainer state (optimizer, scheduler, cursor ...); the RNG states are added here.
         config_yaml: the run's config.
         keep_last: keep this many newest checkpoints.
+        adapter: with LoRA, the :class:`peft.PeftModel` whose adapter weights are saved in ``adapter/``.
 
     Returns:
         The new checkpoint.
@@ -117,6 +127,8 @@ def save_checkpoint(
     tmp.mkdir()
     model.save_pretrained(tmp / MODEL_DIR, safe_serialization=True)
     tokenizer.save_pretrained(tmp / MODEL_DIR)
+    if adapter is not None:
+        adapter.save_pretrained(tmp / ADAPTER_DIR, safe_serialization=True)
     torch.save({**state, "rng": rng_state(), "step": step}, tmp / STATE_FILE)
     (tmp / "config.yaml").write_text(config_yaml)
     if final.exists():

@@ -30,6 +30,10 @@ from searchrl.tracking import resolve_tracking_uri
 RECIPES_DIR = Path(__file__).resolve().parent / "configs"
 
 
+#: Attention and MLP projections of Llama-style decoders (SmolLM2, Llama, Qwen2, Mistral): LoRA's default targets.
+LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -53,6 +57,32 @@ class ModelConfig(_Strict):
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads on CPU (default: torch's choice)."
     )
+    lora_rank: int = Field(
+        0,
+        ge=0,
+        description="LoRA rank r (peft): train low-rank adapters on lora_target_modules instead of every weight; the "
+        "reference policy is the same model with the adapters disabled (no second copy), AdamW holds only adapter "
+        "state, and the exported model folders are merged. 0: full fine-tuning.",
+    )
+    lora_alpha: float = Field(
+        32.0, gt=0, description="LoRA scaling numerator: the adapter update is (lora_alpha / lora_rank) * B @ A."
+    )
+    lora_target_modules: list[str] = Field(
+        default_factory=lambda: list(LORA_TARGET_MODULES),
+        min_length=1,
+        description="Module names that get adapters (peft target_modules); default every attention and MLP "
+        "projection of a Llama-style decoder.",
+    )
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input (peft lora_dropout).")
+
+    @model_validator(mode="after")
+    def _lora_reference(self) -> ModelConfig:
+        if self.lora_rank and self.reference_path:
+            raise ValueError(
+                "model.reference_path cannot be used with model.lora_rank > 0: the reference is the policy's base "
+                "model with its adapters disabled"
+            )
+        return self
 
 
 class DataConfig(_Strict):
@@ -113,6 +143,12 @@ class RolloutConfig(_Strict):
     )
     policy_target: str = Field("127.0.0.1:50054", description="gRPC target of the PolicyService (engine=remote).")
     max_batch_size: int = Field(16, ge=1, description="In-process engine: generate calls micro-batched together.")
+    torch_threads: int = Field(
+        1,
+        ge=0,
+        description="In-process engine: torch intra-op threads of its decoding thread (0: torch's default). One, as "
+        "on a few shared cores more threads oversubscribe (benchmarks/rollout_bench.py, benchmarks/train_bench.py).",
+    )
     concurrency: int = Field(
         16, ge=1, description="Episodes run at once. 1 makes every generate call its own batch (bit-reproducible)."
     )
@@ -131,7 +167,12 @@ class AlgorithmConfig(_Strict):
         None, gt=0, description="Upper clip range (default clip_ratio; DAPO raises it)."
     )
     clip_ratio_c: float = Field(3.0, gt=1, description="Dual-clip bound for negative advantages [clip_ratio_c].")
-    kl_coef: float = Field(0.001, ge=0, description="Coefficient of the KL-to-reference loss term [kl_loss_coef].")
+    kl_coef: float = Field(
+        0.001,
+        ge=0,
+        description="Coefficient of the KL-to-reference loss term [kl_loss_coef]. 0 (DAPO, Dr. GRPO): no reference "
+        "forward pass at all and actor/kl reported as 0.",
+    )
     kl_type: Literal["low_var_kl", "k3", "kl", "k1", "abs", "mse", "k2"] = Field(
         "low_var_kl", description="KL estimator [kl_loss_type]."
     )
@@ -151,6 +192,12 @@ class AlgorithmConfig(_Strict):
         4, ge=1, description="Episodes per forward/backward; gradients accumulate over a mini-batch's micro-batches."
     )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping by global norm.")
+    loss_token_logits: bool = Field(
+        True,
+        description="Compute vocabulary logits, log-probs and entropies only at loss-mask-1 response tokens (not at "
+        "inserted <result> documents, the response prefix or padding), which no loss or metric reads; same "
+        "result up to rounding, less LM-head and softmax work.",
+    )
     share_prompt: bool = Field(
         True,
         description="Compute each prompt once per micro-batch and its group's responses on its KV cache (same "

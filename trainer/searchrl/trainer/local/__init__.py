@@ -11,7 +11,9 @@ verl's workers need GPUs and Ray, so at desk scale the loop is ours while the ma
    configured backend with the curriculum position ``(step - 1, total)`` for the ZeroSearch simulator.
 2. **reward** - score each episode in-process with ``searchrl.reward.scoring.score`` (plus the shaping and custom
    reward functions of :mod:`searchrl.reward.shaping`).
-3. **update** - :class:`~.update.GRPOUpdater` over the layout of :mod:`.batching`.
+3. **update** - :class:`~.update.GRPOUpdater` over the layout of :mod:`.batching`: full fine-tuning, or LoRA adapters
+   through peft with ``model.lora_rank > 0`` (:mod:`.lora`: the reference is the base model under the adapters, the
+   engine and the checkpoints get the merged model); no reference pass at all with ``algorithm.kl_coef == 0``.
 4. **report** - MLflow metrics every step, Prometheus gauges, guard rails, trajectories to the Redis rollout stream,
    checkpoints every N steps (:mod:`.trainer`).
 """

@@ -1,8 +1,8 @@
 """Tensor layout of the GRPO update (as verl's) and the forward pass over it.
 
 Prompts left-padded to the longest prompt ``P`` of the micro-batch, responses right-padded to the longest response
-``R``; ``input_ids (b, P + R)``; the logits of the ``R + 1`` last positions (``logits_to_keep``) give the log-probs of
-the ``R`` response tokens; ``response_mask (b, R)`` is the episode's loss mask (0 for inserted ``<result>`` tokens, the
+``R``; ``input_ids (b, P + R)``; the final hidden states of the positions before each response token
+(:func:`response_hidden`) give, through the LM head, the log-probs of the ``R`` response tokens; ``response_mask (b, R)`` is the episode's loss mask (0 for inserted ``<result>`` tokens, the
 response prefix and padding).
 """
 
@@ -57,11 +57,37 @@ def collate(
     return MicroBatch(ids, attn, pos, resp, rmask, r_len, [list(p) for p in prompts], [list(r) for r in responses])
 
 
+def causal_lm_parts(model: Any) -> tuple[Any, Any]:
+    """``(decoder, lm_head)`` of a transformers causal LM, or of the one inside a :class:`peft.PeftModel` (whose
+    injected LoRA layers, and ``disable_adapter()``, act inside the decoder)."""
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return causal.get_decoder(), causal.get_output_embeddings()
+
+
+def output_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """Next-token logits ``(..., V)`` from final hidden states ``(..., H)`` (the LM head, plus Gemma-style final
+    logit soft-capping when the config has it)."""
+    logits = causal_lm_parts(model)[1](hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits  # type: ignore[no-any-return]
+
+
 def response_logits(model: Any, mb: MicroBatch, *, share_prompt: bool) -> torch.Tensor:
     """Next-token logits ``(b, R, V)`` at the response positions: entry ``t`` predicts response token ``t``.
 
+    ``output_logits(model, response_hidden(...))``; see :func:`response_hidden` for the arguments.
+    """
+    return output_logits(model, response_hidden(model, mb, share_prompt=share_prompt))
+
+
+def response_hidden(model: Any, mb: MicroBatch, *, share_prompt: bool) -> torch.Tensor:
+    """Final hidden states ``(b, R, H)`` at the positions that predict the response tokens: entry ``t`` predicts
+    response token ``t`` (the LM head of :func:`output_logits` turns them into logits, for all or some positions).
+
     Args:
-        model: a causal LM.
+        model: a causal LM (or a peft model around one).
         mb: the micro-batch from :func:`collate`.
         share_prompt: run each distinct prompt once and its responses on top of its KV cache (a GRPO group shares
             one prompt, so the prompt is computed once instead of ``n`` times, forward and backward); otherwise one
@@ -70,15 +96,16 @@ def response_logits(model: Any, mb: MicroBatch, *, share_prompt: bool) -> torch.
     Raises:
         RuntimeError: ``share_prompt`` with a model whose KV cache layers cannot be re-batched.
     """
+    decoder = causal_lm_parts(model)[0]
+    r_all = mb.response_len
     if not share_prompt:
-        out = model(
+        out = decoder(
             input_ids=mb.input_ids,
             attention_mask=mb.attention_mask,
             position_ids=mb.position_ids,
             use_cache=False,
-            logits_to_keep=mb.response_len + 1,
         )
-        return out.logits[:, :-1, :]  # type: ignore[no-any-return]
+        return out.last_hidden_state[:, -r_all - 1 : -1, :]  # type: ignore[no-any-return]
     from transformers import DynamicCache
 
     from searchrl.services.policy.engines.kv_cache import cache_layers
@@ -88,17 +115,15 @@ def response_logits(model: Any, mb: MicroBatch, *, share_prompt: bool) -> torch.
     for row, prompt in enumerate(mb.prompt_lists):
         groups.setdefault(tuple(prompt), []).append(row)
     parts: dict[int, torch.Tensor] = {}
-    r_all = mb.response_len
     for prompt, rows in groups.items():
         p_len, k = len(prompt), len(rows)
         cache = DynamicCache(config=model.config)
-        p_out = model(
+        p_out = decoder(
             input_ids=torch.tensor([prompt], dtype=torch.long, device=dev),
             past_key_values=cache,
             use_cache=True,
-            logits_to_keep=1,
         )
-        first = p_out.logits[:, -1:, :].expand(k, 1, -1)  # predicts response token 0
+        first = p_out.last_hidden_state[:, -1:, :].expand(k, 1, -1)  # predicts response token 0
         r_len = max(max(len(mb.response_lists[r]) for r in rows), 1)
         if r_len > 1:
             # The batch-1 prompt cache repeated k times in place (expand: no copy; gradients sum over the rows).
@@ -114,21 +139,21 @@ def response_logits(model: Any, mb: MicroBatch, *, share_prompt: bool) -> torch.
                 attn[i, p_len : p_len + len(resp)] = 1
             pos = torch.arange(p_len, p_len + r_len).unsqueeze(0).expand(k, -1)
             ids, attn, pos = ids.to(dev), attn.to(dev), pos.to(dev)
-            r_out = model(
+            r_out = decoder(
                 input_ids=ids[:, :-1],
                 attention_mask=attn[:, :-1],
                 position_ids=pos[:, :-1],
                 past_key_values=p_out.past_key_values,
                 use_cache=True,
             )
-            logits = torch.cat([first, r_out.logits], dim=1)  # (k, r_len, V)
+            hidden = torch.cat([first, r_out.last_hidden_state], dim=1)  # (k, r_len, H)
         else:
-            logits = first
+            hidden = first
         for i, r in enumerate(rows):
-            row_logits = logits[i]
-            if row_logits.shape[0] < r_all:  # pad to the micro-batch width; padded positions are masked out
-                row_logits = torch.cat(
-                    [row_logits, row_logits.new_zeros(r_all - row_logits.shape[0], row_logits.shape[1])]
+            row_hidden = hidden[i]
+            if row_hidden.shape[0] < r_all:  # pad to the micro-batch width; padded positions are masked out
+                row_hidden = torch.cat(
+                    [row_hidden, row_hidden.new_zeros(r_all - row_hidden.shape[0], row_hidden.shape[1])]
                 )
-            parts[r] = row_logits
+            parts[r] = row_hidden
     return torch.stack([parts[r] for r in range(len(mb.prompt_lists))])

@@ -36,6 +36,7 @@ from searchrl.trainer.config import TrainConfig
 from searchrl.trainer.data import load_examples
 from searchrl.trainer.guards import GUARDS, GuardEvent, Guards
 from searchrl.trainer.local.cursor import DataCursor
+from searchrl.trainer.local.lora import MergedPolicy, add_adapters, load_adapters
 from searchrl.trainer.local.update import EpisodeData, GRPOUpdater
 from searchrl.trainer.telemetry import TrainerGauges, rollout_metrics
 
@@ -119,14 +120,23 @@ class LocalTrainer:
         self.last_checkpoint: ckpt.CheckpointInfo | None = None
         self._rollout_task: asyncio.Task[Any] | None = None
         self._setup_done = False
+        self.merged: MergedPolicy | None = None
         self._reward_fn: Callable[..., Any] | None = reward_fn or (
             load_reward_function(config.reward.function) if config.reward.function else None
         )
 
     @property
     def model(self) -> Any:
-        """The policy being trained (set by :meth:`setup`)."""
+        """The policy being trained (set by :meth:`setup`): a transformers model, or a :class:`peft.PeftModel` with
+        ``model.lora_rank > 0``."""
         return self.updater.model
+
+    @property
+    def export_model(self) -> Any:
+        """The current policy as a plain transformers model: what the in-process engine samples from, checkpoints
+        hold and a remote PolicyService loads. With LoRA the merged copy (:class:`~.lora.MergedPolicy`), refreshed
+        after every update; otherwise the trained model itself."""
+        return self.merged.model if self.merged is not None else self.model
 
     # -------------------------------------------------------------------------------------------- set-up
     def setup(self, *, resume: bool = True) -> None:
@@ -148,13 +158,25 @@ class LocalTrainer:
         found = ckpt.latest_checkpoint(cfg.checkpoint_path) if resume else None
         base_path = policy_model_path(cfg.model.path)
         ref_path = policy_model_path(cfg.model.reference_path) if cfg.model.reference_path else base_path
+        lora = cfg.model.lora_rank > 0
+        if found is not None and found.adapter_path.is_dir() != lora:
+            kind = "a LoRA" if found.adapter_path.is_dir() else "a full fine-tuning"
+            raise InvalidRequest(
+                f"checkpoint {found.path} was written by {kind} run; model.lora_rank={cfg.model.lora_rank} cannot "
+                "resume it (start a new output_dir or use the matching setting)"
+            )
+        # A separate frozen reference only for full fine-tuning with a KL term; LoRA's reference is the base model
+        # under the adapters, and kl_coef 0 needs none.
+        separate_ref = cfg.algorithm.kl_coef != 0 and not lora
+        ref_model = None
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(base_path)
             # Master weights stay float32; bfloat16 is used through autocast (verl's FSDP mixed precision does the same).
-            ref_model = AutoModelForCausalLM.from_pretrained(ref_path, dtype=torch.float32)
-            if found is not None:
+            if separate_ref:
+                ref_model = AutoModelForCausalLM.from_pretrained(ref_path, dtype=torch.float32)
+            if found is not None and not lora:
                 model = AutoModelForCausalLM.from_pretrained(found.model_path, dtype=torch.float32)
-            elif ref_path == base_path:
+            elif ref_model is not None and ref_path == base_path:
                 model = copy.deepcopy(ref_model)
             else:
                 model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
@@ -162,9 +184,16 @@ class LocalTrainer:
             raise InvalidRequest(f"cannot load the policy {cfg.model.path!r}: {exc}") from exc
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        if lora:
+            model = load_adapters(model, found.adapter_path) if found is not None else add_adapters(model, cfg.model)
+            if cfg.model.gradient_checkpointing:
+                model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need input grads
+        self.merged = MergedPolicy(model) if lora else None
         tok = self.tokenizer
         pad_id = int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-        self.updater = GRPOUpdater(model.eval(), ref_model.eval().requires_grad_(False), cfg, pad_id)
+        if ref_model is not None:
+            ref_model = ref_model.eval().requires_grad_(False)
+        self.updater = GRPOUpdater(model.eval(), ref_model, cfg, pad_id)
         run_id = None
         if found is not None:
             state = ckpt.load_state(found)
@@ -215,13 +244,11 @@ class LocalTrainer:
             from searchrl.services.policy.engines.transformers import TransformersEngine
 
             self._engine = TransformersEngine(
-                self.model,
+                self.export_model,
                 tokenizer=self.tokenizer,
                 max_batch_size=cfg.rollout.max_batch_size,
                 version=f"step-{self.step}",
-                # one intra-op thread for decoding: on a few shared cores two threads oversubscribe (4-10x slower
-                # decode steps measured in benchmarks/rollout_bench.py conditions)
-                torch_threads=1,
+                torch_threads=cfg.rollout.torch_threads,
             )
             self._generator = self._engine
         else:
@@ -350,17 +377,19 @@ class LocalTrainer:
             for i, (ep, s) in enumerate(zip(episodes, scores, strict=True))
         ]
         actor = self.updater.update(data)
+        if self.merged is not None:
+            self.merged.refresh()  # the adapters changed: the merged copy the engine and exports use follows
         t3 = time.perf_counter()
         self.step = step
         version = f"step-{step}"
         if self._engine is not None:
-            self._engine.set_model(self.model, version)
+            self._engine.set_model(self.export_model, version)
         metrics = {**rollout_metrics(episodes, scores), **actor}
         metrics.update({"time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/update_s": t3 - t2})
         if self._policy_client is not None:
             t4 = time.perf_counter()
             weights = cfg.output_path / "live_weights"
-            self.model.save_pretrained(weights)
+            self.export_model.save_pretrained(weights)
             self.tokenizer.save_pretrained(weights)
             self._loop.run_until_complete(
                 self._policy_client.load_weights(str(weights), policy_version=version, timeout_s=600)
@@ -411,11 +440,12 @@ class LocalTrainer:
         info = ckpt.save_checkpoint(
             cfg.checkpoint_path,
             self.step,
-            model=self.model,
+            model=self.export_model,
             tokenizer=self.tokenizer,
             state=state,
             config_yaml=cfg.to_yaml(),
             keep_last=cfg.checkpoint.keep_last,
+            adapter=self.model if self.merged is not None else None,
         )
         self.last_checkpoint = info
         self.run.set_tag("searchrl.last_checkpoint", str(info.path))

@@ -2,7 +2,8 @@
 learning-rate schedule, and turns one step's scored episodes into optimizer steps.
 
 GRPO advantages per question group; old log-probs recomputed with a forward pass of the current weights (on-policy:
-the ratio starts at 1) and reference log-probs from the frozen initial model; the PPO-clip loss over loss-masked
+the ratio starts at 1) and reference log-probs from the frozen initial model (with LoRA: the policy with its adapters
+disabled; with ``kl_coef == 0``: none); the PPO-clip loss over loss-masked
 tokens plus ``kl_coef`` x low-variance KL, aggregated ``token-mean`` over the mini-batch (gradient accumulation over
 micro-batches gives the same gradient as one big batch); AdamW, gradient clipping. The maths is verl's
 (:mod:`searchrl.trainer.grpo` wraps ``verl.trainer.ppo.core_algos``).
@@ -21,7 +22,8 @@ import torch
 
 from searchrl.trainer import grpo
 from searchrl.trainer.config import TrainConfig
-from searchrl.trainer.local.batching import MicroBatch, collate, response_logits
+from searchrl.trainer.local.batching import MicroBatch, causal_lm_parts, collate, output_logits, response_hidden
+from searchrl.trainer.local.lora import is_lora, trainable_parameters
 
 log = logging.getLogger(__name__)
 
@@ -47,24 +49,33 @@ class EpisodeData:
 
 
 class GRPOUpdater:
-    """GRPO updates of ``model`` against the frozen ``ref_model`` (see the module docstring).
+    """GRPO updates of ``model`` against the frozen reference policy (see the module docstring).
 
     Args:
-        model: the policy (float32 master weights; ``model.dtype=bfloat16`` runs the forward passes under autocast).
-        ref_model: the frozen reference policy of the KL term.
+        model: the policy (float32 master weights; ``model.dtype=bfloat16`` runs the forward passes under autocast);
+            a :class:`peft.PeftModel` trains only its LoRA adapters.
+        ref_model: the frozen reference policy of the KL term; ``None`` with a LoRA policy (the reference is
+            ``model`` with its adapters disabled) or with ``algorithm.kl_coef == 0`` (no reference pass at all: the
+            reference log-probs are taken equal to the policy's, so the KL term and ``actor/kl`` are 0).
         config: the run's configuration (``algorithm``, ``model.dtype``, ``model.gradient_checkpointing``,
             ``data.group_size``).
         pad_id: token id of the padding.
+
+    Raises:
+        ValueError: ``ref_model`` is ``None`` while the KL term needs a reference that ``model`` cannot provide.
     """
 
     def __init__(self, model: Any, ref_model: Any, config: TrainConfig, pad_id: int) -> None:
         algo = self.algo = config.algorithm
         self.model, self.ref_model, self.pad_id = model, ref_model, pad_id
+        self.lora = is_lora(model)
+        self.use_reference = algo.kl_coef != 0
+        if self.use_reference and ref_model is None and not self.lora:
+            raise ValueError("a reference model is needed when algorithm.kl_coef != 0 (full fine-tuning)")
         self.use_bf16 = config.model.dtype == "bfloat16"
         self.share_prompt = algo.share_prompt and not config.model.gradient_checkpointing
-        self.optimizer = torch.optim.AdamW(
-            model.parameters(), lr=algo.lr, betas=algo.betas, weight_decay=algo.weight_decay
-        )
+        self.params = trainable_parameters(model)
+        self.optimizer = torch.optim.AdamW(self.params, lr=algo.lr, betas=algo.betas, weight_decay=algo.weight_decay)
         warm = algo.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda n: min(1.0, (n + 1) / warm) if warm else 1.0
@@ -93,10 +104,22 @@ class GRPOUpdater:
     def forward_logprobs(
         self, model: Any, mb: MicroBatch, *, with_entropy: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Log-probs ``(b, R)`` of the response tokens (and their entropies) under ``model``."""
+        """Log-probs ``(b, R)`` of the response tokens (and their entropies) under ``model``.
+
+        With ``algorithm.loss_token_logits`` the LM head, log-softmax and entropy run only at loss-mask-1 positions
+        (the ``<result>`` documents, the response prefix and the padding need no vocabulary logits); the other
+        entries are 0 and every consumer masks them out.
+        """
         with torch.autocast(mb.input_ids.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
-            logits = response_logits(model, mb, share_prompt=self.share_prompt).float()  # (b, R, V)
-        logp = grpo.token_log_probs(logits, mb.responses)
+            hidden = response_hidden(model, mb, share_prompt=self.share_prompt)  # (b, R, H)
+            if self.algo.loss_token_logits:
+                keep = mb.response_mask > 0
+                logits = output_logits(model, hidden[keep]).float()  # (n, V)
+                labels = mb.responses[keep]
+            else:
+                logits = output_logits(model, hidden).float()  # (b, R, V)
+                labels = mb.responses
+        logp = grpo.token_log_probs(logits, labels)
         ent = None
         if with_entropy:
             if self.actor_cfg.entropy_coeff != 0:
@@ -104,7 +127,20 @@ class GRPOUpdater:
             else:
                 with torch.no_grad():
                     ent = grpo.token_entropy(logits.detach())
+        if self.algo.loss_token_logits:
+            logp = logp.new_zeros(keep.shape).masked_scatter(keep, logp)
+            if ent is not None:
+                ent = ent.new_zeros(keep.shape).masked_scatter(keep, ent)
         return logp, ent
+
+    def reference_logprobs(self, mb: MicroBatch) -> torch.Tensor:
+        """Log-probs ``(b, R)`` of the response tokens under the reference policy (no gradient): the frozen
+        ``ref_model``, or with LoRA the policy with its adapters disabled."""
+        with torch.no_grad():
+            if self.ref_model is not None:
+                return self.forward_logprobs(self.ref_model, mb, with_entropy=False)[0]
+            with self.model.disable_adapter():
+                return self.forward_logprobs(self.model, mb, with_entropy=False)[0]
 
     def plan(self, n_ep: int) -> list[list[list[int]]]:
         """Mini-batches of micro-batches of episode indices (the same partition for every pass of a step)."""
@@ -153,9 +189,10 @@ class GRPOUpdater:
             for mini in plan:
                 for part in mini:
                     mb = self._collate(data, part)
-                    rlp, _ = self.forward_logprobs(self.ref_model, mb, with_entropy=False)
-                    for row, i in enumerate(part):
-                        ref_lp[i] = rlp[row]
+                    if self.use_reference:
+                        rlp = self.reference_logprobs(mb)
+                        for row, i in enumerate(part):
+                            ref_lp[i] = rlp[row]
                     if not reuse_first_pass:
                         lp, _ = self.forward_logprobs(self.model, mb, with_entropy=False)
                         for row, i in enumerate(part):
@@ -181,7 +218,8 @@ class GRPOUpdater:
                             for row, i in enumerate(part):
                                 old_lp[i] = logp[row].detach()
                         old = torch.stack([old_lp[i] for i in part])
-                        ref = torch.stack([ref_lp[i] for i in part])
+                        # kl_coef 0: no reference pass; the reference equal to the policy makes the KL exactly 0.
+                        ref = torch.stack([ref_lp[i] for i in part]) if self.use_reference else logp.detach()
                         adv = advantages[part][:, : mb.response_len].to(logp.device)
                         out = grpo.grpo_objective(
                             logp,
@@ -209,7 +247,7 @@ class GRPOUpdater:
                         sums["clip_lower"] += out.metrics["clip_fraction_lower"] * tok
                         sums["approx_kl"] += out.approx_kl * tok
                         sums["tokens"] += tok
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), algo.max_grad_norm))
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, algo.max_grad_norm))
                     if math.isfinite(grad_norm):
                         self.optimizer.step()
                     else:  # verl skips the step on a non-finite gradient norm, too
@@ -247,4 +285,52 @@ class GRPOUpdater:
             "actor/lr": float(self.scheduler.get_last_lr()[0]),
             "actor/loss_tokens": float(sums["tokens"]) / algo.ppo_epochs,
             "actor/rollout_logprob_gap": gap_sum / gap_n if gap_n else 0.0,
+            **self.work(data, plan, no_grad_passes=int(self.use_reference) + int(not reuse_first_pass)),
+        }
+
+    def work(
+        self, data: Sequence[EpisodeData], plan: list[list[list[int]]], *, no_grad_passes: int
+    ) -> dict[str, float]:
+        """The update's arithmetic, counted the usual way (Kaplan et al. 2020; PaLM's MFU): a forward pass costs
+        ``2 x parameters`` FLOP per token, a trained pass ``6 x`` (forward, activation gradients, weight gradients);
+        a LoRA pass ``4 x`` (frozen weights get no weight gradients, the activation gradients are still needed; the
+        adapters' own work is negligible). The LM head (``vocab x hidden`` parameters) counts only for the tokens
+        that get logits.
+
+        Returns:
+            ``perf/decoder_tokens`` (tokens through the decoder per pass: each distinct prompt once per micro-batch
+            with ``share_prompt``, else the padded rows), ``perf/logit_tokens`` (LM-head tokens per pass),
+            ``perf/no_grad_passes`` (reference and old-log-prob passes), ``perf/update_gflop`` (whole update).
+        """
+        decoder_tokens = logit_tokens = 0
+        for mini in plan:
+            for part in mini:
+                rows = [data[i] for i in part]
+                r_len = max(max(len(d.response_ids) for d in rows), 1)
+                if self.share_prompt:
+                    groups: dict[tuple[int, ...], int] = {}
+                    for d in rows:
+                        key = tuple(d.prompt_ids)
+                        groups[key] = max(groups.get(key, 0), len(d.response_ids))
+                    # each prompt once, then every row padded to its group's longest response, less the token the
+                    # prompt pass predicts
+                    decoder_tokens += sum(len(p) for p in groups)
+                    decoder_tokens += sum(max(groups[tuple(d.prompt_ids)], 1) - 1 for d in rows)
+                else:
+                    decoder_tokens += len(rows) * (max(len(d.prompt_ids) for d in rows) + r_len)
+                if self.algo.loss_token_logits:
+                    logit_tokens += int(sum(sum(d.loss_mask) for d in rows))
+                else:
+                    logit_tokens += len(rows) * r_len
+        head = sum(p.numel() for p in causal_lm_parts(self.model)[1].parameters())
+        body = sum(p.numel() for p in self.model.parameters()) - head
+        if self.lora:
+            body -= sum(p.numel() for p in self.params)  # adapters: not part of N
+        per_pass = 2.0 * (body * decoder_tokens + head * logit_tokens)  # one forward pass, FLOP
+        trained = (2.0 if self.lora else 3.0) * per_pass * self.algo.ppo_epochs
+        return {
+            "perf/decoder_tokens": float(decoder_tokens),
+            "perf/logit_tokens": float(logit_tokens),
+            "perf/no_grad_passes": float(no_grad_passes),
+            "perf/update_gflop": (trained + per_pass * no_grad_passes) / 1e9,
         }
