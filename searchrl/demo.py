@@ -36,11 +36,15 @@ from searchrl.errors import SearchRLError
 
 log = logging.getLogger("searchrl.demo")
 
+ANSWERABLE_TOP_K = 3
+"""Questions are kept when their gold answer is in the top-3 passages retrieved for them: the agent's ``top_k``."""
+
 SIZES: dict[str, dict[str, int]] = {
-    # questions for training, held-out questions, GRPO steps, questions per step, group size, tokens per turn, turns
-    "tiny": {"train": 8, "eval": 2, "steps": 2, "batch": 2, "group": 2, "tokens": 40, "turns": 2},
-    "default": {"train": 32, "eval": 8, "steps": 4, "batch": 2, "group": 4, "tokens": 64, "turns": 2},
-    "large": {"train": 512, "eval": 64, "steps": 40, "batch": 8, "group": 5, "tokens": 160, "turns": 4},
+    # training questions (at most), held-out questions (0: the whole held-out split), GRPO steps, questions per step,
+    # group size, tokens per turn, turns
+    "tiny": {"train": 8, "eval": 2, "steps": 2, "batch": 2, "group": 2, "tokens": 24, "turns": 2},
+    "default": {"train": 512, "eval": 0, "steps": 10, "batch": 4, "group": 4, "tokens": 24, "turns": 2},
+    "large": {"train": 512, "eval": 0, "steps": 80, "batch": 4, "group": 8, "tokens": 24, "turns": 2},
 }
 
 
@@ -58,7 +62,7 @@ class DemoArgs:
     max_turns: int
     search: str
     mixed_ratio: float
-    lr: float
+    lr: float | None
     seed: int
     config: str
     extra_overrides: list[str] = field(default_factory=list)
@@ -71,17 +75,22 @@ def _parse(argv: Sequence[str] | None) -> DemoArgs:
     p.add_argument("--out", default="runs/demo", help="run folder (report in <out>/report)")
     p.add_argument("--size", choices=sorted(SIZES), default="default", help="preset sizes (flags below override)")
     p.add_argument("--train-questions", type=int)
-    p.add_argument("--eval-questions", type=int, help="held-out questions evaluated before and after")
+    p.add_argument(
+        "--eval-questions", type=int, help="held-out questions evaluated before and after (0: the whole split)"
+    )
     p.add_argument("--steps", type=int, help="GRPO steps")
     p.add_argument("--batch-size", type=int, help="questions per GRPO step")
     p.add_argument("--group-size", type=int, help="responses per question (GRPO group size n)")
     p.add_argument("--max-new-tokens", type=int, help="tokens the policy may sample per turn")
     p.add_argument("--max-turns", type=int, help="assistant turns per episode")
     p.add_argument(
-        "--search", choices=["mixed", "retriever", "simulator"], default="mixed", help="training search backend"
+        "--search",
+        choices=["mixed", "retriever", "simulator"],
+        default="retriever",
+        help="training search backend (default the retriever: the evaluation's; mixed adds the ZeroSearch simulator)",
     )
     p.add_argument("--mixed-ratio", type=float, default=0.5, help="share of searches sent to the simulator when mixed")
-    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--lr", type=float, help="learning rate (default: the recipe's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--config", default="", help="base trainer YAML (default: trainer/searchrl/trainer/configs/local_demo.yaml)"
@@ -147,42 +156,39 @@ class Stages:
         self.console.print(msg)
 
 
-def _held_out_jsonl(val_parquet: Path, out: Path, n: int) -> Path:
-    """Writes the first ``n`` validation questions as FlashRAG jsonl (what the evaluator reads)."""
-    from searchrl.trainer.data import read_parquet_examples
+def _answerable_sets(a: DemoArgs, stages: Stages, max_doc_chars: int) -> Any:
+    """The entity-disjoint train / dev / held-out sets of questions the corpus can answer
+    (:func:`searchrl.trainer.answerable.build_answerable_sets`: the gold answer is in the part of the top-3 passages
+    the agent reads), built once per machine under the cache folder (a few minutes: it retrieves for every bundled
+    question) and reused; the split never depends on ``--seed``."""
+    from searchrl.assets import cache_dir
+    from searchrl.trainer.answerable import build_answerable_sets, load_answerable_sets
 
-    rows = read_parquet_examples(val_parquet)[:n]
-    with out.open("w", encoding="utf-8") as fh:
-        for i, ex in enumerate(rows):
-            qid = getattr(ex, "id", "") or f"heldout-{i}"
-            fh.write(
-                json.dumps(
-                    {
-                        "id": qid,
-                        "question": ex.question,
-                        "golden_answers": list(ex.golden_answers),
-                        "metadata": {"source": ex.source},
-                    }
-                )
-                + "\n"
-            )
+    folder = cache_dir() / "data" / f"answerable-top{ANSWERABLE_TOP_K}-chars{max_doc_chars}"
+    try:
+        sets = load_answerable_sets(folder)
+        stages.say(f"reusing {folder}")
+    except FileNotFoundError:
+        sets = build_answerable_sets(out_dir=folder, top_k=ANSWERABLE_TOP_K, seed=0, max_doc_chars=max_doc_chars)
+    stages.say(sets.coverage_md.read_text(encoding="utf-8"))
+    return sets
+
+
+def _first_jsonl(src: Path, out: Path, n: int) -> Path:
+    """Writes the first ``n`` rows of the jsonl ``src`` (all when ``n`` is 0) to ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lines = [line for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
+    out.write_text("".join(line + "\n" for line in (lines[:n] if n else lines)), encoding="utf-8")
     return out
 
 
-def _eval_config(a: DemoArgs, agent_response_prefix: str | None = None) -> Any:
+def _eval_config(a: DemoArgs, agent: Any) -> Any:
+    """Evaluation settings: the agent settings the policy is trained with (template, prefixes, top-k, document
+    length, turns, token budgets), with greedy decoding."""
     from searchrl.evaluator.methods import EvalConfig
 
-    return EvalConfig(
-        max_turns=a.max_turns,
-        max_new_tokens_per_turn=a.max_new_tokens,
-        max_response_tokens=a.max_turns * (a.max_new_tokens + 160),
-        top_k=3,
-        max_doc_chars=300,
-        temperature=0.0,
-        concurrency=8,
-        seed=a.seed,
-        **({} if agent_response_prefix is None else {"response_prefix": agent_response_prefix}),
-    )
+    shared = {k: getattr(agent, k) for k in type(agent).model_fields if k in EvalConfig.model_fields}
+    return EvalConfig(**{**shared, "temperature": 0.0, "concurrency": 16, "seed": a.seed})
 
 
 async def _evaluate(
@@ -193,7 +199,7 @@ async def _evaluate(
     out_dir: Path,
     label: str,
     mlflow_uri: str,
-    prefix: str | None,
+    agent: Any,
 ) -> Any:
     from searchrl.agent.search import RetrieverSearch
     from searchrl.client.policy import PolicyClient
@@ -209,7 +215,7 @@ async def _evaluate(
             [str(dataset)],
             ["direct", "agent"],
             out_dir,
-            config=_eval_config(a, prefix),
+            config=_eval_config(a, agent),
             model=label,
             search_name="retriever",
             mlflow=True,
@@ -241,18 +247,18 @@ def _train_config(a: DemoArgs, endpoints: dict[str, str], train_parquet: Path, m
         f"data.group_size={a.group_size}",
         f"rollout.agent.max_turns={a.max_turns}",
         f"rollout.agent.max_new_tokens_per_turn={a.max_new_tokens}",
-        f"rollout.agent.max_response_tokens={a.max_turns * (a.max_new_tokens + 160)}",
+        f"rollout.agent.max_response_tokens={a.max_turns * (a.max_new_tokens + 200)}",
         f"rollout.search.backend={backend}",
-        f"rollout.search.retriever_target={endpoints['retriever']}",
-        f"rollout.search.simulator_target={endpoints['simulator']}",
+        f"rollout.search.retriever_target={endpoints.get('retriever', '')}",
+        f"rollout.search.simulator_target={endpoints.get('simulator', '')}",
         f"rollout.search.mix_ratio={a.mixed_ratio}",
-        f"algorithm.lr={a.lr}",
+        *([f"algorithm.lr={a.lr}"] if a.lr is not None else []),
         f"trainer.max_steps={a.steps}",
         f"trainer.output_dir={a.out / 'train'}",
         f"logging.mlflow_tracking_uri={mlflow_uri}",
         "logging.experiment=searchrl-demo",
         "logging.metrics_port=0",
-        f"logging.rollout_redis_url={endpoints['redis']}",
+        f"logging.rollout_redis_url={endpoints.get('redis', '')}",
         "checkpoint.every_steps=1",
         "checkpoint.keep_last=2",
         *a.extra_overrides,
@@ -306,6 +312,7 @@ def write_report(
     stages: Stages,
     endpoints: dict[str, str],
     mlflow_uri: str,
+    sets: Any = None,
 ) -> dict[str, Any]:
     """Writes report.md, report.json, before_after.csv and curves.png into ``report``; returns report.json's content."""
     report.mkdir(parents=True, exist_ok=True)
@@ -324,6 +331,7 @@ def write_report(
                 row[f"{m}_before"] = b[m]
                 row[f"{m}_after"] = match.get(m)
         table.append(row)
+    effect = learning_effect(before, after, seed=a.seed)
     if history:
         _curves(history, report / "curves.png")
     traj = _read_jsonl(Path(train_result.output_dir) / "trajectories.jsonl")
@@ -340,7 +348,9 @@ def write_report(
         "guard_events": [asdict(e) for e in train_result.guard_events],
         "training": history,
         "before_after": table,
+        "learning_effect": effect,
         "stage_seconds": stages.durations,
+        "answer_coverage": json.loads(sets.coverage_json.read_text(encoding="utf-8")) if sets is not None else None,
         "endpoints": endpoints,
     }
     (report / "report.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
@@ -357,7 +367,9 @@ def write_report(
         f"search during training: {a.search}"
         + (f" (simulator share {a.mixed_ratio}, ZeroSearch curriculum)" if a.search == "mixed" else "")
         + ".",
-        f"Held-out questions: {a.eval_questions} FanOutQA sub-questions, evaluated with the real retriever, greedy decoding.",
+        f"Held-out questions: {effect[0]['n'] if effect else 0} questions the corpus can answer (entity-disjoint from "
+        "the training and dev questions), evaluated with the real retriever, greedy decoding, the agent settings of "
+        "training, scored with the training reward (ReSearch: format + answer F1).",
         "",
     ]
     if train_result.stopped_by not in (None, "signal"):
@@ -377,6 +389,20 @@ def write_report(
         for m in metrics:
             cells += [_fmt(r.get(f"{m}_before")), _fmt(r.get(f"{m}_after"))]
         md.append(f"| {r['dataset']} | {r['method']} | {r['n']} | " + " | ".join(cells) + " |")
+    md += [
+        "",
+        "## Did training help? (agent, held-out, after minus before, paired bootstrap 95% CI)",
+        "",
+        "| metric | n | before | after | after - before | 95% CI |",
+        "|---|---|---|---|---|---|",
+    ]
+    for e in effect:
+        md.append(
+            f"| {e['metric']} | {e['n']} | {e['before']:.3f} | {e['after']:.3f} | {e['diff']:+.3f} | "
+            f"[{e['ci_low']:+.3f}, {e['ci_high']:+.3f}] |"
+        )
+    if sets is not None:
+        md += ["", sets.coverage_md.read_text(encoding="utf-8").replace("# Answer coverage", "## Answer coverage")]
     md += ["", "## Training", "", "![curves](curves.png)", ""]
     cols = [
         ("reward/mean", "reward"),
@@ -417,6 +443,49 @@ def write_report(
     return data
 
 
+def learning_effect(before: Any, after: Any, *, method: str = "agent", seed: int = 0) -> list[dict[str, Any]]:
+    """After minus before on the held-out questions, per metric, with a paired bootstrap 95% CI.
+
+    The records of both evaluations are paired by (dataset, id) (:func:`searchrl.evaluator.compare.compare_records`
+    for EM and F1; :func:`searchrl.evaluator.metrics.paired_bootstrap` for the format-valid rate and the reward, the
+    ReSearch reward the policy is trained on).
+
+    Returns:
+        One dict per metric: ``metric``, ``n``, ``before``, ``after``, ``diff``, ``ci_low``, ``ci_high``.
+
+    Raises:
+        InvalidRequest: the two evaluations share no example of ``method``.
+    """
+    from searchrl.evaluator.compare import compare_records
+    from searchrl.evaluator.metrics import paired_bootstrap
+
+    out: list[dict[str, Any]] = []
+    rows = compare_records(before.records, after.records, method_a=method, method_b=method, seed=seed)
+    b_idx = {(r["dataset"], r["id"]): r for r in before.records if r["method"] == method}
+    a_idx = {(r["dataset"], r["id"]): r for r in after.records if r["method"] == method}
+    shared = [k for k in b_idx if k in a_idx]
+    for row in rows:
+        for name, res in (("em", row.em), ("f1", row.f1)):
+            out.append({"metric": name, "dataset": row.dataset, **_effect(res)})
+    for name in ("format_valid", "reward"):
+        res = paired_bootstrap(
+            [float(b_idx[k][name]) for k in shared], [float(a_idx[k][name]) for k in shared], seed=seed
+        )
+        out.append({"metric": name, "dataset": "all", **_effect(res)})
+    return out
+
+
+def _effect(res: Any) -> dict[str, Any]:
+    return {
+        "n": res.n,
+        "before": res.mean_a,
+        "after": res.mean_b,
+        "diff": res.diff,
+        "ci_low": res.ci_low,
+        "ci_high": res.ci_high,
+    }
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return "-"
@@ -443,19 +512,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         index_dir = ensure_wiki_index("flat")
         stages.say(f"policy: {model_dir}\nindex: {index_dir}")
 
-        stages.start("training and held-out questions (FanOutQA sub-questions)")
-        from searchrl.trainer.data import prepare
-
-        prepared = prepare(
-            ["fanoutqa-sub"],
-            a.out / "data",
-            limit=a.train_questions + a.eval_questions,
-            val_size=a.eval_questions,
-            seed=a.seed,
-        )
-        held_out = _held_out_jsonl(prepared.val_path, a.out / "data" / "heldout.jsonl", a.eval_questions)
+        stages.start("questions the corpus can answer: training, dev and held-out sets")
+        sets = _answerable_sets(a, stages, _train_config(a, {}, Path("train.parquet"), "").rollout.agent.max_doc_chars)
+        held_out = _first_jsonl(sets.heldout_path, a.out / "data" / "heldout.jsonl", a.eval_questions)
+        n_held = sum(1 for _ in held_out.open(encoding="utf-8"))
         stages.say(
-            f"{prepared.train_rows} training questions, {prepared.val_rows} held out -> {prepared.train_path.parent}"
+            f"{sets.train_rows} training, {sets.dev_rows} dev, {sets.heldout_rows} held-out questions "
+            f"(entity-disjoint, answer recall@{sets.top_k} = 100%); evaluating {n_held} held-out -> {sets.train_path.parent}"
         )
 
         stages.start("start the stack (redis, reward, retriever, simulator, policy)")
@@ -468,18 +531,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
-        stages.start(f"evaluate the untrained policy on {a.eval_questions} held-out questions")
-        # the agent is evaluated with the response prefix it is trained with (the demo config's search-first prefix)
-        prefix = _train_config(a, endpoints, prepared.train_path, mlflow_uri).rollout.agent.response_prefix
+        stages.start(f"evaluate the untrained policy on {n_held} held-out questions")
+        # the agent is evaluated with the settings it is trained with (prompt template, prefixes, top-k, budgets)
+        agent = _train_config(a, endpoints, sets.train_path, mlflow_uri).rollout.agent
         before = asyncio.run(
-            _evaluate(a, endpoints, tokenizer, held_out, a.out / "eval_before", "untrained", mlflow_uri, prefix)
+            _evaluate(a, endpoints, tokenizer, held_out, a.out / "eval_before", "untrained", mlflow_uri, agent)
         )
         stages.say(before.markdown() if hasattr(before, "markdown") else str(before))
 
         stages.start(f"GRPO training: {a.steps} steps x {a.batch_size} questions x group {a.group_size}")
         from searchrl.trainer.local.trainer import train
 
-        cfg = _train_config(a, endpoints, prepared.train_path, mlflow_uri)
+        cfg = _train_config(a, endpoints, sets.train_path, mlflow_uri)
 
         def on_step(step: int, m: dict[str, float]) -> None:
             stages.say(
@@ -510,12 +573,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # one folder per checkpoint: an eval folder resumes from its records, which must come from the same weights
         after_dir = a.out / f"eval_after_step{result.step}"
         after = asyncio.run(
-            _evaluate(a, endpoints, tokenizer, held_out, after_dir, f"grpo-step-{result.step}", mlflow_uri, prefix)
+            _evaluate(a, endpoints, tokenizer, held_out, after_dir, f"grpo-step-{result.step}", mlflow_uri, agent)
         )
         stages.say(after.markdown() if hasattr(after, "markdown") else str(after))
 
         stages.start("write the report")
-        data = write_report(a, a.out / "report", before, after, history, result, stages, endpoints, mlflow_uri)
+        data = write_report(
+            a, a.out / "report", before, after, history, result, stages, endpoints, mlflow_uri, sets=sets
+        )
         stages.done()
         stages.say((a.out / "report" / "report.md").read_text())
         stages.say(
