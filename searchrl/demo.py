@@ -162,14 +162,17 @@ def _answerable_sets(a: DemoArgs, stages: Stages, max_doc_chars: int) -> Any:
     the agent reads), built once per machine under the cache folder (a few minutes: it retrieves for every bundled
     question) and reused; the split never depends on ``--seed``."""
     from searchrl.assets import cache_dir
+    from searchrl.retriever.index.build import file_lock
     from searchrl.trainer.answerable import build_answerable_sets, load_answerable_sets
 
     folder = cache_dir() / "data" / f"answerable-top{ANSWERABLE_TOP_K}-chars{max_doc_chars}"
-    try:
-        sets = load_answerable_sets(folder)
-        stages.say(f"reusing {folder}")
-    except FileNotFoundError:
-        sets = build_answerable_sets(out_dir=folder, top_k=ANSWERABLE_TOP_K, seed=0, max_doc_chars=max_doc_chars)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(folder.with_suffix(".lock")):  # two demos (or a demo and the tests) build it once
+        try:
+            sets = load_answerable_sets(folder)
+            stages.say(f"reusing {folder}")
+        except FileNotFoundError:
+            sets = build_answerable_sets(out_dir=folder, top_k=ANSWERABLE_TOP_K, seed=0, max_doc_chars=max_doc_chars)
     stages.say(sets.coverage_md.read_text(encoding="utf-8"))
     return sets
 
