@@ -216,7 +216,9 @@ async def _evaluate(
             policy,
             search,
             [str(dataset)],
-            ["direct", "agent"],
+            # the search agent only: the direct-answer baseline cannot answer in the agent's 24-token turn (0 before
+            # and after in every run) and cost a third of the evaluation time; `searchrl eval --method all` has it
+            ["agent"],
             out_dir,
             config=_eval_config(a, agent),
             model=label,
