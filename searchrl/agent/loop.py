@@ -196,6 +196,8 @@ class Episode:
         ended_with_eos: the policy ended the response itself (an answer or EOS), as ReSearch's format reward needs.
         answer: the final answer (``\\boxed{}`` content of the last ``<answer>`` for ReSearch; empty when none).
         timings: ``generation_ms``, ``search_ms``, ``total_ms`` (milliseconds).
+        policy_version: version of the weights that sampled the last turn (empty when the backend does not say).
+        mixed_policy_versions: an earlier turn was sampled by another version (the weights changed mid-episode).
     """
 
     question_id: str
@@ -213,6 +215,7 @@ class Episode:
     answer: str
     timings: dict[str, float]
     policy_version: str = ""
+    mixed_policy_versions: bool = False
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
@@ -226,10 +229,48 @@ class Episode:
 
         Its keys are the attributes above; ``turns`` and ``searches`` hold dicts of :class:`TurnRecord` /
         :class:`SearchRecord` (a turn without a search has ``search: None``), documents are ``Document`` messages in
-        proto3 JSON (proto field names, default values included). Apart from ``searches``, ``ended_with_eos`` and
-        ``outcome``, it is the proto3 JSON form of :meth:`to_proto`'s message.
+        proto3 JSON (proto field names, default values included). Apart from ``searches`` (the turns' searches again),
+        it is the proto3 JSON form of :meth:`to_proto`'s message.
         """
         return asdict(self, dict_factory=_json_safe)
+
+    @classmethod
+    def from_proto(cls, message: rollout_pb2.Trajectory) -> Episode:
+        """The inverse of :meth:`to_proto` (what a trainer reading the rollout stream rebuilds): every attribute comes
+        back, ``searches`` from the turns' searches; the reward and score fields of the message are not part of an
+        episode (read them from the message)."""
+        turns, searches = [], []
+        for t in message.turns:
+            record = None
+            if t.HasField("search"):
+                c = t.search
+                record = SearchRecord(
+                    c.query, list(c.documents), c.backend, c.latency_ms, c.cache_hit, c.error, c.outcome or "ok"
+                )
+                searches.append(record)
+            turns.append(
+                TurnRecord(t.index, t.generated_text, t.observation_text, record, t.finish_reason, t.generated_tokens)
+            )
+        tm = message.timings
+        return cls(
+            question_id=message.question_id,
+            question=message.question,
+            golden_answers=list(message.golden_answers),
+            prompt_ids=list(message.prompt_ids),
+            response_ids=list(message.response_ids),
+            loss_mask=list(message.loss_mask),
+            response_logprobs=list(message.response_logprobs),
+            response_text=message.response_text,
+            turns=turns,
+            searches=searches,
+            finish_reason=message.finish_reason,
+            ended_with_eos=message.ended_with_eos,
+            answer=message.answer,
+            timings={"generation_ms": tm.generation_ms, "search_ms": tm.search_ms, "total_ms": tm.total_ms},
+            policy_version=message.policy_version,
+            mixed_policy_versions=message.mixed_policy_versions,
+            id=message.id,
+        )
 
     def to_proto(self, reward: float = 0.0, group_index: int = 0) -> rollout_pb2.Trajectory:
         """As a ``Trajectory`` message (what the rollout stream stores): :meth:`to_record` parsed as proto3 JSON.
@@ -434,6 +475,7 @@ class AgentLoop:
         searches: list[SearchRecord] = []
         gen_ms = search_ms = 0.0
         version = ""
+        mixed = False  # turns sampled by two policy versions (the weights were swapped mid-episode)
         pending_text = ""
         if cfg.response_prefix:
             prefix = cfg.response_prefix.replace("{question}", question.strip())
@@ -466,7 +508,9 @@ class AgentLoop:
                     seed=None if seed is None else seed + 1_000_003 * turn_index,
                 )
             gen_ms += (time.perf_counter() - t0) * 1000
-            version = out.policy_version or version
+            if out.policy_version:
+                mixed = mixed or bool(version and out.policy_version != version)
+                version = out.policy_version
             response_ids += out.token_ids
             loss_mask += [1] * len(out.token_ids)
             logprobs += out.logprobs
@@ -536,6 +580,7 @@ class AgentLoop:
             answer=extract_answer(response_text),
             timings={"generation_ms": gen_ms, "search_ms": search_ms, "total_ms": total_ms},
             policy_version=version,
+            mixed_policy_versions=mixed,
         )
 
 

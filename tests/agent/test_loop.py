@@ -136,7 +136,27 @@ async def test_search_inserts_documents_with_zero_mask(tokenizer) -> None:  # ty
         and msg.reward == 0.5
         and msg.turns[0].search.documents[0].title == "Eiffel Tower"
     )
-    assert msg.policy_version == "v-test"
+    assert msg.policy_version == "v-test" and msg.ended_with_eos and not msg.mixed_policy_versions
+    assert msg.turns[0].search.outcome == "ok"
+    # What a trainer reading the rollout stream rebuilds is the episode the worker had.
+    back = Episode.from_proto(msg)
+    assert back.to_record() == ep.to_record()
+    assert back.searches[0].sent and not back.searches[0].failed
+
+
+async def test_an_episode_knows_when_the_weights_changed_under_it(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    class Swapped(Scripted):
+        async def generate(self, prompt_ids, sampling, *, stop=(), seed=None):  # type: ignore[no-untyped-def]
+            out = await super().generate(prompt_ids, sampling, stop=stop, seed=seed)
+            out.policy_version = f"step-{len(self.calls)}"  # every turn from newer weights
+            return out
+
+    turns = [" x </think>\n<search> eiffel </search>", "<answer> \\boxed{Paris} </answer>"]
+    ep = await AgentLoop(Swapped(tokenizer, turns), InProcessSearch(lookup), AgentLoopConfig()).run("Q?")
+    assert ep.policy_version == "step-2" and ep.mixed_policy_versions
+    same = await AgentLoop(Scripted(tokenizer, turns), InProcessSearch(lookup), AgentLoopConfig()).run("Q?")
+    assert same.policy_version == "v-test" and not same.mixed_policy_versions
+    assert Episode.from_proto(ep.to_proto()).mixed_policy_versions
 
 
 async def test_search_r1_protocol_uses_information_tags(tokenizer) -> None:  # type: ignore[no-untyped-def]

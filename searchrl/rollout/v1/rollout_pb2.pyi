@@ -97,6 +97,7 @@ class SearchCall(_message.Message):
     LATENCY_MS_FIELD_NUMBER: _builtins.int
     CACHE_HIT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
     query: _builtins.str
     """The query text the policy wrote between the search tags."""
     backend: _builtins.str
@@ -107,6 +108,10 @@ class SearchCall(_message.Message):
     """True when the Redis search cache answered."""
     error: _builtins.str
     """Empty on success; otherwise the error the backend reported (the episode got an error observation instead)."""
+    outcome: _builtins.str
+    """How the search was counted: "ok", "empty", "error", "timeout", "invalid_query" or "disabled" ("error" and
+    "timeout" are service failures; "invalid_query" and "disabled" never reached a backend).
+    """
     @_builtins.property
     def documents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Document]:
         """Documents returned, best first."""
@@ -120,10 +125,11 @@ class SearchCall(_message.Message):
         latency_ms: _builtins.float = ...,
         cache_hit: _builtins.bool = ...,
         error: _builtins.str = ...,
+        outcome: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "cache_hit", b"cache_hit", "documents", b"documents", "error", b"error", "latency_ms", b"latency_ms", "query", b"query"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "cache_hit", b"cache_hit", "documents", b"documents", "error", b"error", "latency_ms", b"latency_ms", "outcome", b"outcome", "query", b"query"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -229,6 +235,12 @@ class Trajectory(_message.Message):
     GROUP_INDEX_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
     ANSWER_FIELD_NUMBER: _builtins.int
+    ENDED_WITH_EOS_FIELD_NUMBER: _builtins.int
+    MIXED_POLICY_VERSIONS_FIELD_NUMBER: _builtins.int
+    F1_FIELD_NUMBER: _builtins.int
+    EM_FIELD_NUMBER: _builtins.int
+    FORMAT_OK_FIELD_NUMBER: _builtins.int
+    FORMAT_ERROR_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Unique id of this trajectory."""
     question_id: _builtins.str
@@ -247,6 +259,20 @@ class Trajectory(_message.Message):
     """Index of the GRPO group (prompt) this trajectory belongs to within a batch."""
     answer: _builtins.str
     """The final answer extracted from the response (empty when none)."""
+    ended_with_eos: _builtins.bool
+    """The policy ended the response itself (an answer or EOS), as ReSearch's format reward needs."""
+    mixed_policy_versions: _builtins.bool
+    """True when the turns of this trajectory were sampled by more than one policy version (weights were swapped
+    mid-episode); rollout workers regenerate such groups, so none reaches the trainer.
+    """
+    f1: _builtins.float
+    """Score details behind the reward (the fields of reward.v1.ScoreResult). Answer F1 against the gold answers."""
+    em: _builtins.float
+    """Exact match of the answer with a gold answer, 1 or 0."""
+    format_ok: _builtins.bool
+    """True when every format rule of the reward scheme held."""
+    format_error: _builtins.str
+    """The first format rule that failed (empty when format_ok)."""
     @_builtins.property
     def golden_answers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Gold answers the reward was computed against."""
@@ -294,11 +320,132 @@ class Trajectory(_message.Message):
         group_index: _builtins.int = ...,
         timings: Global___Timings | None = ...,
         answer: _builtins.str = ...,
+        ended_with_eos: _builtins.bool = ...,
+        mixed_policy_versions: _builtins.bool = ...,
+        f1: _builtins.float = ...,
+        em: _builtins.float = ...,
+        format_ok: _builtins.bool = ...,
+        format_error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "finish_reason", b"finish_reason", "golden_answers", b"golden_answers", "group_index", b"group_index", "id", b"id", "loss_mask", b"loss_mask", "policy_version", b"policy_version", "prompt_ids", b"prompt_ids", "question", b"question", "question_id", b"question_id", "response_ids", b"response_ids", "response_logprobs", b"response_logprobs", "response_text", b"response_text", "reward", b"reward", "timings", b"timings", "turns", b"turns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "em", b"em", "ended_with_eos", b"ended_with_eos", "f1", b"f1", "finish_reason", b"finish_reason", "format_error", b"format_error", "format_ok", b"format_ok", "golden_answers", b"golden_answers", "group_index", b"group_index", "id", b"id", "loss_mask", b"loss_mask", "mixed_policy_versions", b"mixed_policy_versions", "policy_version", b"policy_version", "prompt_ids", b"prompt_ids", "question", b"question", "question_id", b"question_id", "response_ids", b"response_ids", "response_logprobs", b"response_logprobs", "response_text", b"response_text", "reward", b"reward", "timings", b"timings", "turns", b"turns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Trajectory: _TypeAlias = Trajectory  # noqa: Y015
+
+@_typing.final
+class RolloutTask(_message.Message):
+    """One GRPO group's worth of work: a question a rollout worker samples group_size episodes for. The trainer adds
+    tasks to the task stream (searchrl:rollout-tasks); workers read them through a consumer group.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    QUESTION_ID_FIELD_NUMBER: _builtins.int
+    QUESTION_FIELD_NUMBER: _builtins.int
+    GOLDEN_ANSWERS_FIELD_NUMBER: _builtins.int
+    DATA_SOURCE_FIELD_NUMBER: _builtins.int
+    GROUP_SIZE_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    CURRICULUM_STEP_FIELD_NUMBER: _builtins.int
+    CURRICULUM_TOTAL_STEPS_FIELD_NUMBER: _builtins.int
+    CREATED_UNIX_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """Unique id of the task (the trainer's "<run>:<sequence>")."""
+    question_id: _builtins.str
+    """Id of the question (dataset row id)."""
+    question: _builtins.str
+    """The question text."""
+    data_source: _builtins.str
+    """Dataset name, passed to a custom reward function as data_source."""
+    group_size: _builtins.int
+    """Episodes to sample: the GRPO group size n."""
+    seed: _builtins.int
+    """Base seed; episode j of the group samples with a seed derived from (seed, j)."""
+    curriculum_step: _builtins.int
+    """Curriculum position: finished trainer steps when the task was made (the simulator's noise curriculum)."""
+    curriculum_total_steps: _builtins.int
+    """Curriculum length in trainer steps."""
+    created_unix: _builtins.float
+    """Unix time (seconds) the trainer made the task."""
+    @_builtins.property
+    def golden_answers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Gold answers the reward is computed against."""
+
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        question_id: _builtins.str = ...,
+        question: _builtins.str = ...,
+        golden_answers: _abc.Iterable[_builtins.str] | None = ...,
+        data_source: _builtins.str = ...,
+        group_size: _builtins.int = ...,
+        seed: _builtins.int = ...,
+        curriculum_step: _builtins.int = ...,
+        curriculum_total_steps: _builtins.int = ...,
+        created_unix: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_unix", b"created_unix", "curriculum_step", b"curriculum_step", "curriculum_total_steps", b"curriculum_total_steps", "data_source", b"data_source", "golden_answers", b"golden_answers", "group_size", b"group_size", "question", b"question", "question_id", b"question_id", "seed", b"seed", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RolloutTask: _TypeAlias = RolloutTask  # noqa: Y015
+
+@_typing.final
+class RolloutGroup(_message.Message):
+    """A finished GRPO group: group_size scored trajectories of one task, every one sampled by the same policy version.
+    Rollout workers publish it to the group stream (searchrl:rollout-groups) in the same Redis transaction that
+    acknowledges the task, so a task yields at most one group.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    TRAJECTORIES_FIELD_NUMBER: _builtins.int
+    WORKER_FIELD_NUMBER: _builtins.int
+    REGENERATIONS_FIELD_NUMBER: _builtins.int
+    STARTED_UNIX_FIELD_NUMBER: _builtins.int
+    FINISHED_UNIX_FIELD_NUMBER: _builtins.int
+    policy_version: _builtins.str
+    """The policy version that sampled every trajectory ("step-<k>" for the local trainer's weights)."""
+    worker: _builtins.str
+    """Name of the worker that sampled it."""
+    regenerations: _builtins.int
+    """Times the group was sampled again because the policy version changed while it ran."""
+    started_unix: _builtins.float
+    """Unix time (seconds) the worker started the group."""
+    finished_unix: _builtins.float
+    """Unix time (seconds) the worker finished the group."""
+    @_builtins.property
+    def task(self) -> Global___RolloutTask:
+        """The task this group answers."""
+
+    @_builtins.property
+    def trajectories(self) -> _containers.RepeatedCompositeFieldContainer[Global___Trajectory]:
+        """The trajectories, with their rewards."""
+
+    def __init__(
+        self,
+        *,
+        task: Global___RolloutTask | None = ...,
+        policy_version: _builtins.str = ...,
+        trajectories: _abc.Iterable[Global___Trajectory] | None = ...,
+        worker: _builtins.str = ...,
+        regenerations: _builtins.int = ...,
+        started_unix: _builtins.float = ...,
+        finished_unix: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finished_unix", b"finished_unix", "policy_version", b"policy_version", "regenerations", b"regenerations", "started_unix", b"started_unix", "task", b"task", "trajectories", b"trajectories", "worker", b"worker"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RolloutGroup: _TypeAlias = RolloutGroup  # noqa: Y015

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import dataclasses
 import json
 import logging
+import secrets
 import signal
 import threading
 import time
@@ -22,17 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from searchrl.agent.prompts import get_protocol
 from searchrl.agent.search import SearchSpec, build_search_backend
 from searchrl.agent.settings import episode_seed
 from searchrl.data.datasets import Example
 from searchrl.errors import InvalidRequest
-from searchrl.reward.shaping import format_progress, load_reward_function
+from searchrl.reward.shaping import load_reward_function
 from searchrl.tracking import MlflowRun
 from searchrl.trainer import checkpoint as ckpt
-from searchrl.trainer.config import TrainConfig
+from searchrl.trainer.config import SearchConfig, TrainConfig
 from searchrl.trainer.data import load_examples
 from searchrl.trainer.guards import GUARDS, GuardEvent, Guards
 from searchrl.trainer.local.cursor import DataCursor
@@ -74,6 +74,28 @@ class TrainResult:
     stopped_by: str | None
     guard_events: list[GuardEvent]
     output_dir: Path
+
+
+async def open_search_backend(search: SearchConfig, seed: int) -> Any:
+    """The training search backend ``search`` names (an in-process index is loaded here), with its added latency;
+    call it on the event loop that will use it."""
+    inprocess = None
+    if search.backend == "inprocess":
+        from searchrl.retriever.inprocess import open_inprocess_retriever
+
+        inprocess = await open_inprocess_retriever(search.index_dir)
+    spec = SearchSpec(
+        kind=search.backend,
+        retriever_target=search.retriever_target,
+        simulator_target=search.simulator_target,
+        mix_ratio=search.mix_ratio,
+        training=True,
+        seed=seed,
+        timeout_s=search.timeout_s,
+        inprocess=inprocess,
+        added_latency_s=search.added_latency_s,
+    )
+    return build_search_backend(spec)
 
 
 class LocalTrainer:
@@ -121,6 +143,8 @@ class LocalTrainer:
         self._rollout_task: asyncio.Task[Any] | None = None
         self._setup_done = False
         self.merged: MergedPolicy | None = None
+        self.feed: Any = None  # rollout.mode=async: the GroupFeed
+        self._feed_state: dict[str, Any] | None = None
         self._reward_fn: Callable[..., Any] | None = reward_fn or (
             load_reward_function(config.reward.function) if config.reward.function else None
         )
@@ -200,6 +224,7 @@ class LocalTrainer:
             self.updater.load_state_dict(state)
             self.cursor.load_state_dict(state["cursor"])
             self.guards.load_state_dict(state.get("guards", {}))
+            self._feed_state = state.get("stream")
             self.step = int(state["step"])
             run_id = state.get("mlflow_run_id")
             ckpt.set_rng_state(state["rng"])
@@ -224,22 +249,7 @@ class LocalTrainer:
         cfg = self.config
         self._search = self._search_override
         if self._search is None:
-            s, inprocess = cfg.rollout.search, None
-            if s.backend == "inprocess":
-                from searchrl.retriever.inprocess import open_inprocess_retriever
-
-                inprocess = await open_inprocess_retriever(s.index_dir)
-            spec = SearchSpec(
-                kind=s.backend,
-                retriever_target=s.retriever_target,
-                simulator_target=s.simulator_target,
-                mix_ratio=s.mix_ratio,
-                training=True,
-                seed=cfg.seed,
-                timeout_s=s.timeout_s,
-                inprocess=inprocess,
-            )
-            self._search = build_search_backend(spec)
+            self._search = await open_search_backend(cfg.rollout.search, cfg.seed)
         if cfg.rollout.engine == "inprocess":
             from searchrl.services.policy.engines.transformers import TransformersEngine
 
@@ -257,10 +267,35 @@ class LocalTrainer:
 
             self._policy_client = PolicyClient(cfg.rollout.policy_target)
             self._generator = RemotePolicyBackend(self._policy_client, self.tokenizer)
-            if self.step > 0 and self.last_checkpoint is not None:
+            if self.step > 0 and self.last_checkpoint is not None and cfg.rollout.mode == "sync":
                 await self._policy_client.load_weights(
                     str(self.last_checkpoint.model_path), policy_version=f"step-{self.step}", timeout_s=600
                 )
+        if cfg.rollout.mode == "async":
+            from searchrl.services.rollouts.queue import RolloutQueue
+            from searchrl.trainer.local.stream import GroupFeed
+
+            q = cfg.rollout.queue
+            self.feed = GroupFeed(
+                RolloutQueue(q.redis_url, q.prefix),
+                cfg,
+                self.examples,
+                self.cursor,
+                consumer=f"trainer-{cfg.output_path.name}",
+                run_id=cfg.output_path.name,
+                curriculum_total_steps=self.config.curriculum_total_steps,
+            )
+            if self._feed_state is not None:
+                self.feed.load_state_dict(self._feed_state)
+            await self.feed.start()
+            # The PolicyService serves this run's weights under a name of its lineage before any group is taken.
+            if self.feed.lineage and self.last_checkpoint is not None:
+                version, weights = self.feed.lineage[-1], self.last_checkpoint.model_path
+            else:
+                version, weights = self._version_name(self.step), self._save_live_weights()
+                self.feed.advance(version)
+            await self._policy_client.load_weights(str(weights), policy_version=version, timeout_s=600)
+            await self.feed.queue.set_policy_version(version)
         if cfg.logging.rollout_redis_url:
             from searchrl.services.rollouts.store import RolloutStore
 
@@ -291,42 +326,21 @@ class LocalTrainer:
         )
 
     def _score(self, episodes: Sequence[Any], examples: Sequence[Example]) -> list[Any]:
-        """Scores episodes (``examples[i // group_size]`` is episode ``i``'s question) with the scheme, or with the
-        custom reward function when one is configured (the scheme's F1/EM/format then stay as diagnostics); plus
-        ``reward.format_bonus`` x :func:`~searchrl.reward.shaping.format_progress`."""
-        from searchrl.reward.scoring import score
+        """Scores episodes (``examples[i // group_size]`` is episode ``i``'s question): see
+        :func:`searchrl.agent.rewards.score_episodes`."""
+        from searchrl.agent.rewards import score_episodes
 
         cfg = self.config
-        scheme, bonus = cfg.reward.scheme, cfg.reward.format_bonus
-        protocol = get_protocol(cfg.rollout.agent.protocol)
-        out = []
-        for i, ep in enumerate(episodes):
-            res = score(
-                ep.response_text,
-                ep.golden_answers,
-                scheme,
-                ended_with_eos=ep.ended_with_eos,
-                info_tag=protocol.obs_open.strip("<>"),
-            )
-            reward = res.reward
-            if self._reward_fn is not None:
-                ex = examples[i // cfg.data.group_size]
-                got = self._reward_fn(
-                    data_source=ex.source,
-                    solution_str=ep.response_text,
-                    ground_truth={"target": list(ex.golden_answers)},
-                    extra_info={
-                        "question": ep.question,
-                        "id": ex.id,
-                        "scheme": scheme,
-                        "ended_with_eos": ep.ended_with_eos,
-                    },
-                )
-                reward = float(got["score"] if isinstance(got, dict) else got)
-            if bonus:
-                reward += bonus * format_progress(ep.response_text, protocol.name)
-            out.append(dataclasses.replace(res, reward=reward))
-        return out
+        n = cfg.data.group_size
+        return score_episodes(
+            episodes,
+            scheme=cfg.reward.scheme,
+            protocol=cfg.rollout.agent.protocol,
+            format_bonus=cfg.reward.format_bonus,
+            reward_fn=self._reward_fn,
+            data_sources=[examples[i // n].source for i in range(len(episodes))],
+            ids=[examples[i // n].id for i in range(len(episodes))],
+        )
 
     async def _publish(self, step: int, episodes: Sequence[Any], scores: Sequence[Any]) -> None:
         if self._rollout_store is None:
@@ -340,12 +354,11 @@ class LocalTrainer:
         except Exception as exc:  # noqa: BLE001 - a down Redis must not stop training
             log.warning("could not push %d trajectories to the rollout store: %s", len(msgs), exc)
 
-    def train_step(self) -> tuple[dict[str, float], list[GuardEvent]]:
-        """Runs one full GRPO step (rollout, reward, update, report); returns its metrics and guard trips."""
-        assert self._loop is not None and self.run is not None and self.gauges is not None
+    def _sample_step(self, step: int) -> tuple[list[Any], list[Any], float, float]:
+        """rollout.mode=sync: samples and scores this step's episodes with the current weights; returns them with the
+        end times of the rollout and reward phases."""
+        assert self._loop is not None
         cfg = self.config
-        step = self.step + 1
-        t0 = time.perf_counter()
         cursor_before = self.cursor.state_dict()
         batch = [self.examples[i] for i in self.cursor.next_batch()]
         log.info("step %d started: %d questions x %d samples", step, len(batch), cfg.data.group_size)
@@ -365,6 +378,72 @@ class LocalTrainer:
         except StepAbandoned:
             self.cursor.load_state_dict(cursor_before)
             raise
+        return episodes, scores, t1, t2
+
+    def _version_name(self, step: int) -> str:
+        """Name of the weights after ``step`` updates: ``step-<k>``; in async mode with a unique suffix
+        (``step-<k>.<token>``) so that a resumed run's weights never share a name with a dead run's (see
+        :mod:`searchrl.trainer.local.stream`)."""
+        if self.config.rollout.mode == "async":
+            return f"step-{step}.{secrets.token_hex(4)}"
+        return f"step-{step}"
+
+    def _save_live_weights(self) -> Path:
+        """Writes the current policy (plain transformers folder) where the PolicyService loads it from."""
+        weights = self.config.output_path / "live_weights"
+        self.export_model.save_pretrained(weights)
+        self.tokenizer.save_pretrained(weights)
+        return weights
+
+    async def _take_groups(self, step: int) -> tuple[list[Any], list[Any], dict[str, float]]:
+        """rollout.mode=async: this step's groups from the rollout workers, as episodes and scores, with the
+        ``stream/*`` metrics."""
+        from searchrl.agent.loop import Episode
+        from searchrl.reward.scoring import ScoreResult
+
+        got = await self.feed.next_step(step - 1)  # the update starts from the weights of step - 1
+        episodes, scores = [], []
+        for _entry, g in got.groups:
+            for t in g.trajectories:
+                episodes.append(Episode.from_proto(t))
+                scores.append(ScoreResult(t.reward, t.f1, t.em, t.format_ok, t.format_error, t.answer))
+        stats = await self.feed.queue.stats()
+        now = time.time()
+        # which groups this step trained: the audit trail of exactly-once delivery (groups.jsonl)
+        self._write_jsonl(
+            "groups.jsonl",
+            [{"step": step, "entry_id": e, "task_id": g.task.task_id, "policy_version": g.policy_version,
+              "worker": g.worker} for e, g in got.groups],
+        )  # fmt: skip
+        return (
+            episodes,
+            scores,
+            {
+                "time/wait_s": got.wait_s,
+                "stream/stale_groups": float(got.stale),
+                "stream/stale_groups_total": float(self.feed.stale_total),
+                "stream/group_age_versions": float(np.mean(got.ages)) if got.ages else 0.0,
+                "stream/group_age_s": float(np.mean([now - g.task.created_unix for _e, g in got.groups])),
+                "stream/regenerated_groups": float(sum(g.regenerations for _e, g in got.groups)),
+                "stream/tasks_waiting": float(stats.tasks_waiting),
+                "stream/tasks_running": float(stats.tasks_running),
+                "stream/groups_waiting": float(stats.groups_waiting),
+                "stream/lag": float(stats.tasks_waiting + stats.tasks_running + stats.groups_waiting),
+            },
+        )
+
+    def train_step(self) -> tuple[dict[str, float], list[GuardEvent]]:
+        """Runs one full GRPO step (rollout, reward, update, report); returns its metrics and guard trips."""
+        assert self._loop is not None and self.run is not None and self.gauges is not None
+        cfg = self.config
+        step = self.step + 1
+        t0 = time.perf_counter()
+        stream: dict[str, float] = {}
+        if self.feed is not None:
+            episodes, scores, stream = self._loop.run_until_complete(self._take_groups(step))
+            t1 = t2 = time.perf_counter()
+        else:
+            episodes, scores, t1, t2 = self._sample_step(step)
         data = [
             EpisodeData(
                 ep.prompt_ids,
@@ -376,27 +455,32 @@ class LocalTrainer:
             )
             for i, (ep, s) in enumerate(zip(episodes, scores, strict=True))
         ]
-        actor = self.updater.update(data)
+        actor = self.updater.update(data, behaviour_logprobs=self.feed is not None)
         if self.merged is not None:
             self.merged.refresh()  # the adapters changed: the merged copy the engine and exports use follows
         t3 = time.perf_counter()
         self.step = step
-        version = f"step-{step}"
+        version = self._version_name(step)
         if self._engine is not None:
             self._engine.set_model(self.export_model, version)
         metrics = {**rollout_metrics(episodes, scores), **actor}
         metrics.update({"time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/update_s": t3 - t2})
         if self._policy_client is not None:
             t4 = time.perf_counter()
-            weights = cfg.output_path / "live_weights"
-            self.export_model.save_pretrained(weights)
-            self.tokenizer.save_pretrained(weights)
+            weights = self._save_live_weights()
             self._loop.run_until_complete(
                 self._policy_client.load_weights(str(weights), policy_version=version, timeout_s=600)
             )
+            if self.feed is not None:
+                self.feed.advance(version)
+                self._loop.run_until_complete(self.feed.queue.set_policy_version(version))
             metrics["time/weight_sync_s"] = time.perf_counter() - t4
         self._loop.run_until_complete(self._publish(step, episodes, scores))
-        metrics["time/total_s"] = time.perf_counter() - t0
+        metrics.update(stream)
+        total = metrics["time/total_s"] = time.perf_counter() - t0
+        # The same in both modes: the share of the step the trainer did not spend updating, and the episode rate.
+        metrics["perf/trainer_idle_share"] = 1.0 - (t3 - t2) / total
+        metrics["perf/episodes_per_s"] = len(episodes) / total
         metrics["train/epoch"] = float(self.cursor.epoch)
         events = self.guards.update(
             step,
@@ -437,6 +521,10 @@ class LocalTrainer:
             "guards": self.guards.state_dict(),
             "mlflow_run_id": self.run.run_id,
         }
+        used: list[str] = []
+        if self.feed is not None:
+            state["stream"] = self.feed.state_dict()
+            used = state["stream"]["used"]
         info = ckpt.save_checkpoint(
             cfg.checkpoint_path,
             self.step,
@@ -448,6 +536,9 @@ class LocalTrainer:
             adapter=self.model if self.merged is not None else None,
         )
         self.last_checkpoint = info
+        if self.feed is not None and self._loop is not None:
+            # the groups this checkpoint used are acknowledged only now (see searchrl.trainer.local.stream)
+            self._loop.run_until_complete(self.feed.after_checkpoint(used))
         self.run.set_tag("searchrl.last_checkpoint", str(info.path))
         if cfg.logging.log_checkpoints_to_mlflow:
             self.run.log_artifact(info.model_path, f"checkpoints/{info.path.name}")
@@ -532,7 +623,8 @@ class LocalTrainer:
             async def _close() -> None:
                 if self._engine is not None:
                     await self._engine.close()
-                for obj in (self._search, self._policy_client, self._rollout_store):
+                queue = self.feed.queue if self.feed is not None else None
+                for obj in (self._search, self._policy_client, self._rollout_store, queue):
                     closer = getattr(obj, "close", None)
                     if closer is not None:
                         try:
