@@ -10,6 +10,7 @@ flags: ``searchrl <command> --help`` shows them.
     searchrl train [flags]                                     local GRPO trainer
     searchrl eval [flags] | searchrl eval compare A B          benchmark runs
     searchrl rollouts tail|export [flags]                      the Redis rollout stream
+    searchrl rollout-worker --config FILE [flags]              sample groups for rollout.mode=async
     searchrl up | down | status                                the whole stack on this machine
     searchrl demo [flags]                                      train + evaluate end to end (make demo)
 """
@@ -30,13 +31,14 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("searchrl.trainer.cli", "main", "run the local GRPO trainer"),
     "eval": ("searchrl.evaluator.cli", "main", "evaluate a policy on QA benchmarks"),
     "rollouts": ("searchrl.services.rollouts.cli", "main", "inspect / export the Redis rollout stream"),
+    "rollout-worker": ("searchrl.trainer.rollout_worker", "main", "sample GRPO groups for an async trainer"),
     "up": ("searchrl.stack", "up_main", "start every service on this machine"),
     "down": ("searchrl.stack", "down_main", "stop a stack started with 'up'"),
     "status": ("searchrl.stack", "status_main", "health of a stack started with 'up'"),
     "demo": ("searchrl.demo", "main", "the end-to-end demo (make demo)"),
 }
 # Commands that load models from local files only (HF_HUB_OFFLINE=1 unless the environment says otherwise).
-OFFLINE_COMMANDS = ("serve", "eval")
+OFFLINE_COMMANDS = ("serve", "eval", "rollout-worker")
 SERVICES: dict[str, str] = {
     "reward": "searchrl.services.reward.server",
     "retriever": "searchrl.retriever.server",

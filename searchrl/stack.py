@@ -67,6 +67,9 @@ class StackConfig:
         redis_url: Redis URL when ``redis`` is False.
         fixed_ports: use the services' default ports (``DEFAULT_PORTS``: reward 50051, ...) instead of free ones.
         threads_per_service: torch/OpenMP threads of each model-serving child (1 suits a laptop running everything).
+        rollout_workers: ``searchrl rollout-worker`` processes to start (for a trainer in ``rollout.mode=async``).
+        worker_config: the training YAML the workers read (``rollout``, ``reward``); the stack points it at its own
+            PolicyService, search services and Redis.
     """
 
     state_dir: str = ".searchrl/stack"
@@ -79,6 +82,8 @@ class StackConfig:
     fixed_ports: bool = False
     threads_per_service: int = 1
     extra_args: dict[str, list[str]] = field(default_factory=dict)
+    rollout_workers: int = 0
+    worker_config: str = ""
 
 
 class Supervisor:
@@ -220,7 +225,8 @@ def start_stack(cfg: StackConfig, progress: object = None) -> tuple[Supervisor, 
         if cfg.redis:
             rport = 6390 if cfg.fixed_ports else free_port()
             (state / "redis").mkdir(exist_ok=True)
-            sup.start(ChildSpec("redis", redis_command(rport, state / "redis")))
+            # AOF, fsync every second: tasks and rollout groups survive a restart of the stack's Redis
+            sup.start(ChildSpec("redis", redis_command(rport, state / "redis", appendfsync="everysec")))
             endpoints["redis"] = f"redis://127.0.0.1:{rport}/0"
             wait_for_redis(endpoints["redis"], proc=sup.procs["redis"])
         elif cfg.redis_url:
@@ -259,12 +265,35 @@ def start_stack(cfg: StackConfig, progress: object = None) -> tuple[Supervisor, 
             endpoints[name] = f"127.0.0.1:{gport}"
             endpoints[f"{name}_metrics"] = f"http://127.0.0.1:{mport}/metrics"
             say(f"{name} healthy in {time.monotonic() - t0:.1f}s")
+        for i in range(cfg.rollout_workers):
+            if "policy" not in endpoints or "redis" not in endpoints:
+                raise ValueError("rollout workers need the policy service and Redis")
+            mport = free_port()
+            cmd = [sys.executable, "-m", "searchrl", "rollout-worker", "--name", f"worker-{i}",
+                   "--metrics-port", str(mport), *(["--config", cfg.worker_config] if cfg.worker_config else []),
+                   *worker_overrides(endpoints)]  # fmt: skip
+            threads = str(cfg.threads_per_service)
+            env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+            sup.start(ChildSpec(f"rollout-worker-{i}", cmd, metrics_port=mport, env=env))
+            endpoints[f"rollout-worker-{i}_metrics"] = f"http://127.0.0.1:{mport}/metrics"
+            say(f"rollout worker {i} started (tasks from {endpoints['redis']})")
         sup.write_state({"endpoints_all": endpoints})
         sup.watch()
     except BaseException:
         sup.stop()
         raise
     return sup, endpoints
+
+
+def worker_overrides(endpoints: dict[str, str]) -> list[str]:
+    """Config overrides that point a rollout worker (and an async trainer) at this stack's services."""
+    out = ["rollout.mode=async", "rollout.engine=remote", f"rollout.policy_target={endpoints['policy']}",
+           f"rollout.queue.redis_url={endpoints['redis']}"]  # fmt: skip
+    if "retriever" in endpoints:
+        out.append(f"rollout.search.retriever_target={endpoints['retriever']}")
+    if "simulator" in endpoints:
+        out.append(f"rollout.search.simulator_target={endpoints['simulator']}")
+    return out
 
 
 def _print_endpoints(endpoints: dict[str, str]) -> None:
@@ -295,6 +324,8 @@ def up_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--fixed-ports", action="store_true", help="use the default ports (reward 50051, retriever 50052, ...)"
     )
+    p.add_argument("--rollout-workers", type=int, default=0, help="start N rollout workers (rollout.mode=async)")
+    p.add_argument("--worker-config", default="", help="training YAML the rollout workers read")
     a = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     services = tuple(s for s in a.services.split(",") if s)
@@ -315,6 +346,8 @@ def up_main(argv: Sequence[str] | None = None) -> int:
         redis=not a.redis_url,
         redis_url=a.redis_url,
         fixed_ports=a.fixed_ports,
+        rollout_workers=a.rollout_workers,
+        worker_config=a.worker_config,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -325,6 +358,8 @@ def up_main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     _print_endpoints(endpoints)
+    if cfg.rollout_workers:
+        print("[searchrl up] train with: searchrl train --config FILE " + " ".join(worker_overrides(endpoints)))
     print("[searchrl up] all services healthy; Ctrl-C stops the stack", flush=True)
     stop.wait()
     print("[searchrl up] stopping ...", flush=True)

@@ -80,3 +80,32 @@ def test_missing_redis_binary_gives_install_hint(tmp_path: Path, monkeypatch: py
     monkeypatch.setenv("PATH", str(tmp_path))  # no redis-server on PATH
     with pytest.raises(FileNotFoundError, match="apt-get install redis-server"):
         start_stack(StackConfig(state_dir=str(tmp_path / "s"), services=("reward",)), progress=lambda m: None)
+
+
+def test_rollout_workers_need_the_policy_service_and_point_at_the_stack(tmp_path: Path) -> None:
+    from searchrl.stack import worker_overrides
+    from searchrl.trainer.config import load_config
+
+    cfg = StackConfig(state_dir=str(tmp_path), services=("reward",), rollout_workers=1)
+    with pytest.raises(ValueError, match="policy service"):
+        start_stack(cfg, progress=lambda m: None)
+    assert not (tmp_path / "stack.json").exists()  # nothing left running
+    endpoints = {"redis": "redis://127.0.0.1:7000/0", "policy": "127.0.0.1:7001", "retriever": "127.0.0.1:7002"}
+    # what the workers and the printed `searchrl train` line get is a valid async configuration on those endpoints
+    train = load_config(None, worker_overrides(endpoints))
+    assert (train.rollout.mode, train.rollout.engine) == ("async", "remote")
+    assert train.rollout.policy_target == "127.0.0.1:7001" and train.rollout.queue.redis_url == endpoints["redis"]
+    assert train.rollout.search.retriever_target == "127.0.0.1:7002"
+
+
+def test_the_stack_redis_persists_with_aof(tmp_path: Path) -> None:
+    sup, endpoints = start_stack(StackConfig(state_dir=str(tmp_path), services=()), progress=lambda m: None)
+    try:
+        import redis
+
+        client = redis.Redis.from_url(endpoints["redis"])
+        assert client.config_get("appendonly")["appendonly"] == "yes"
+        assert client.config_get("appendfsync")["appendfsync"] == "everysec"
+        client.close()
+    finally:
+        sup.stop()

@@ -242,6 +242,35 @@ class NoSearch:
         return SearchOutcome([], self.name)
 
 
+class DelayedSearch:
+    """Another backend's answers, each after ``latency_s`` more seconds: the latency of a web search API (1-2 s) on a
+    local index, to measure how training copes with slow search (``benchmarks/async_bench.py``).
+
+    Args:
+        inner: the backend that answers.
+        latency_s: seconds added before each search, > 0.
+    """
+
+    def __init__(self, inner: SearchBackend, latency_s: float) -> None:
+        if latency_s <= 0:
+            raise InvalidRequest(f"added search latency must be > 0 s, got {latency_s}")
+        self.inner, self.latency_s = inner, latency_s
+        self.name = getattr(inner, "name", "search")
+
+    async def search(self, query: str, *, top_k: int, context: SearchContext) -> SearchOutcome:
+        """Waits ``latency_s``, then asks ``inner``."""
+        await asyncio.sleep(self.latency_s)
+        return await self.inner.search(query, top_k=top_k, context=context)
+
+    async def close(self) -> None:
+        """Closes ``inner`` when it can be closed."""
+        closer = getattr(self.inner, "close", None)
+        if closer is not None:
+            res = closer()
+            if asyncio.iscoroutine(res):
+                await res
+
+
 def _as_document(d: Any) -> rollout_pb2.Document:
     if isinstance(d, rollout_pb2.Document):
         return d
@@ -277,6 +306,7 @@ class SearchSpec(Checked):
             ``ChannelOptions.from_env()``) carries TLS and the token.
         inprocess: with ``inprocess``: a search backend, or a function ``fn(query, top_k) -> documents`` (run in a
             worker thread, named ``retriever``), e.g. over an index loaded by :mod:`searchrl.retriever`.
+        added_latency_s: seconds added before every search (:class:`DelayedSearch`; 0: none).
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -291,6 +321,7 @@ class SearchSpec(Checked):
     token: str = ""
     options: ChannelOptions | None = None
     inprocess: Any = None
+    added_latency_s: Annotated[float, Field(ge=0)] = 0.0
 
     @model_validator(mode="after")
     def _targets(self) -> Self:
@@ -307,6 +338,11 @@ class SearchSpec(Checked):
 
 def build_search_backend(spec: SearchSpec) -> SearchBackend:
     """The search backend ``spec`` names (call it on the event loop that will use it: gRPC channels belong to it)."""
+    backend = _build_backend(spec)
+    return DelayedSearch(backend, spec.added_latency_s) if spec.added_latency_s else backend
+
+
+def _build_backend(spec: SearchSpec) -> SearchBackend:
     if spec.kind == "none":
         return NoSearch()
     if spec.kind == "inprocess":

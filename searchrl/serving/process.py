@@ -87,9 +87,12 @@ def wait_for_health(
         poll_until(serving, timeout_s, f"{target} SERVING", proc=proc)
 
 
-def redis_command(port: int, data_dir: str | Path, password: str | None = None) -> list[str]:
-    """The argv of a private ``redis-server`` on 127.0.0.1:``port`` without persistence, working in ``data_dir``,
-    requiring AUTH with ``password`` when given.
+def redis_command(
+    port: int, data_dir: str | Path, password: str | None = None, appendfsync: str | None = None
+) -> list[str]:
+    """The argv of a private ``redis-server`` on 127.0.0.1:``port`` working in ``data_dir``, requiring AUTH with
+    ``password`` when given; persistent (append-only file, fsync ``appendfsync``: ``"always"``, ``"everysec"`` or
+    ``"no"``) when ``appendfsync`` is given, else without persistence.
 
     Raises:
         FileNotFoundError: no ``redis-server`` on ``PATH`` (the message says how to install it).
@@ -101,7 +104,10 @@ def redis_command(port: int, data_dir: str | Path, password: str | None = None) 
             "macOS: brew install redis), or use an existing Redis (searchrl up --redis-url)."
         )
     auth = ["--requirepass", password] if password else []
-    flags = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(data_dir)]
+    if appendfsync not in (None, "always", "everysec", "no"):
+        raise ValueError(f"appendfsync must be always, everysec or no, got {appendfsync!r}")
+    aof = ["--appendonly", "yes", "--appendfsync", appendfsync] if appendfsync else ["--appendonly", "no"]
+    flags = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", *aof, "--dir", str(data_dir)]
     return [binary, *flags, *auth]
 
 
@@ -127,7 +133,11 @@ def wait_for_redis(
 
 
 def start_redis(
-    port: int, data_dir: str | Path, timeout_s: float = 20.0, password: str | None = None
+    port: int,
+    data_dir: str | Path,
+    timeout_s: float = 20.0,
+    password: str | None = None,
+    appendfsync: str | None = None,
 ) -> tuple[subprocess.Popen[bytes], str]:
     """Starts a private ``redis-server`` (:func:`redis_command`, output discarded) and waits until it answers.
 
@@ -138,7 +148,7 @@ def start_redis(
         FileNotFoundError: no ``redis-server`` binary.
         RuntimeError | TimeoutError: it exited or did not answer within ``timeout_s`` (the process is terminated).
     """
-    cmd = redis_command(port, data_dir, password)
+    cmd = redis_command(port, data_dir, password, appendfsync)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}/0"
     try:

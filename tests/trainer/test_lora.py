@@ -3,7 +3,8 @@
 Must-shows: a LoRA update changes only adapter weights and moves the policy the same way full fine-tuning does; the
 merged export loads in plain transformers and gives the adapted model's logits; a LoRA run resumed from its checkpoint
 continues exactly like an uninterrupted one; ``algorithm.kl_coef == 0`` runs no reference forward pass (counted with a
-forward hook on the real decoder).
+forward hook on the real decoder); the off-policy update of ``rollout.mode=async`` takes the PPO ratio against the
+sampling policy's log-probs.
 """
 
 from __future__ import annotations
@@ -178,6 +179,51 @@ def test_kl_coef_zero_runs_no_reference_forward(policy_path: str, tokenizer: Any
     assert counts["0.001"] == (4 if lora else 2)  # full fine-tuning: the reference pass runs on the other model
     with pytest.raises(ValueError, match="reference model"):
         GRPOUpdater(AutoModelForCausalLM.from_pretrained(policy_path), None, _updater_config(), 0)
+
+
+def test_behaviour_logprobs_set_the_ppo_ratio(policy_path: str, tokenizer: Any) -> None:
+    """Sampling log-probs equal to the current policy's give exactly the on-policy update (ratio 1); log-probs of a
+    policy that liked the sampled tokens less (a stale one) make the ratio e > 1 + clip, so the positive-advantage
+    tokens are clipped; an episode without a log-prob per token is refused."""
+    import dataclasses
+
+    from transformers import AutoModelForCausalLM
+
+    from searchrl.trainer.local.update import GRPOUpdater
+
+    episodes = _episodes(tokenizer)
+    cfg = _updater_config("algorithm.kl_coef=0")
+
+    def updater() -> Any:
+        model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
+        return GRPOUpdater(model.eval(), None, cfg, int(tokenizer.pad_token_id or 0))
+
+    on_policy = updater()
+    mb = on_policy._collate(episodes, [0, 1])
+    with torch.no_grad():
+        logp, _ = on_policy.forward_logprobs(on_policy.model, mb, with_entropy=False)
+    sampled = [
+        dataclasses.replace(e, rollout_logprobs=[float(logp[i, t]) if m else 0.0 for t, m in enumerate(e.loss_mask)])
+        for i, e in enumerate(episodes)
+    ]
+    recomputed = on_policy.update(sampled)
+    behaviour = updater()
+    same = behaviour.update(sampled, behaviour_logprobs=True)
+    assert same["actor/pg_loss"] == pytest.approx(recomputed["actor/pg_loss"], abs=1e-6)
+    assert same["actor/clip_fraction"] == recomputed["actor/clip_fraction"] == 0.0
+    assert same["perf/no_grad_passes"] == 0
+    for (name, a), b in zip(on_policy.model.named_parameters(), behaviour.model.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=name)
+
+    stale = [
+        dataclasses.replace(e, rollout_logprobs=[x - 1.0 if x else 0.0 for x in e.rollout_logprobs]) for e in sampled
+    ]
+    clipped = updater().update(stale, behaviour_logprobs=True)
+    # the rewarded episode's tokens (advantage > 0) are clipped: about half of the loss tokens
+    good_tokens = sum(episodes[0].loss_mask) / (sum(episodes[0].loss_mask) + sum(episodes[1].loss_mask))
+    assert clipped["actor/clip_fraction"] == pytest.approx(good_tokens, abs=1e-6)
+    with pytest.raises(ValueError, match="no sampling log-prob"):
+        updater().update(episodes, behaviour_logprobs=True)
 
 
 # Tiny episodes, no search: a step takes seconds.

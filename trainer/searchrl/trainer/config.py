@@ -127,6 +127,30 @@ class SearchConfig(_Strict):
     curriculum_total_steps: int | None = Field(
         None, ge=1, description="Steps over which the simulator's noise curriculum runs (default: trainer.max_steps)."
     )
+    added_latency_s: float = Field(
+        0.0,
+        ge=0,
+        description="Seconds added before every search, as a web search API takes (benchmarks of slow search; 0: none).",
+    )
+
+
+class QueueConfig(_Strict):
+    """The Redis streams between the trainer and the rollout workers (:mod:`searchrl.services.rollouts.queue`)."""
+
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis of the task and group streams.")
+    prefix: str = Field(
+        "searchrl:rollout", description="Key prefix of the streams (one per training run sharing a Redis)."
+    )
+    groups_in_flight: int = Field(2, ge=1, description="Worker: tasks one worker runs at once.")
+    reclaim_idle_s: float = Field(
+        120.0,
+        gt=0,
+        description="A task (worker) or group (trainer) read and not finished for this long is taken over from its "
+        "consumer, presumed dead.",
+    )
+    wait_timeout_s: float = Field(
+        600.0, gt=0, description="Trainer: fail the step when no group arrives for this long (no worker running?)."
+    )
 
 
 class RolloutConfig(_Strict):
@@ -152,6 +176,31 @@ class RolloutConfig(_Strict):
     concurrency: int = Field(
         16, ge=1, description="Episodes run at once. 1 makes every generate call its own batch (bit-reproducible)."
     )
+    mode: Literal["sync", "async"] = Field(
+        "sync",
+        description="sync: each step samples its own episodes with the current weights, then updates (exact resume). "
+        "async: rollout workers ('searchrl rollout-worker') sample groups into the Redis group stream while the "
+        "trainer updates; groups at most max_staleness versions old are trained with the importance ratio against "
+        "the sampling policy's log-probs.",
+    )
+    max_staleness: int = Field(
+        1,
+        ge=0,
+        description="async: most policy versions a group may lag the weights it trains (older ones are skipped and "
+        "counted in stream/stale_groups).",
+    )
+    queue: QueueConfig = Field(
+        default_factory=lambda: QueueConfig(), description="async: the Redis task and group streams."
+    )
+
+    @model_validator(mode="after")
+    def _async_needs_the_policy_service(self) -> RolloutConfig:
+        if self.mode == "async" and self.engine != "remote":
+            raise ValueError(
+                "rollout.mode=async needs rollout.engine=remote: the rollout workers sample through the PolicyService "
+                "that the trainer pushes its weights to"
+            )
+        return self
 
 
 class AlgorithmConfig(_Strict):

@@ -161,9 +161,24 @@ class GRPOUpdater:
             device=next(self.model.parameters()).device,
         )
 
-    def update(self, data: Sequence[EpisodeData]) -> dict[str, float]:
-        """GRPO update on the scored episodes; returns the ``actor/*`` metrics."""
+    def update(self, data: Sequence[EpisodeData], *, behaviour_logprobs: bool = False) -> dict[str, float]:
+        """GRPO update on the scored episodes; returns the ``actor/*`` metrics.
+
+        Args:
+            data: the step's scored episodes (whole groups).
+            behaviour_logprobs: take the PPO ratio's old log-probs from the sampling policy
+                (``EpisodeData.rollout_logprobs``) instead of recomputing them with the current weights: the
+                importance ratio of off-policy groups sampled by older weights (``rollout.mode=async``; verl's and
+                AReaL's asynchronous trainers do the same). Saves the old-log-prob pass.
+
+        Raises:
+            ValueError: ``behaviour_logprobs`` while an episode has no log-prob per response token.
+        """
         algo = self.algo
+        if behaviour_logprobs:
+            short = [i for i, d in enumerate(data) if len(d.rollout_logprobs) != len(d.response_ids)]
+            if short:
+                raise ValueError(f"episodes {short[:5]} have no sampling log-prob per response token")
         n_ep = len(data)
         plan = self.plan(n_ep)
         r_max = max(max(len(d.response_ids) for d in data), 1)
@@ -181,7 +196,7 @@ class GRPOUpdater:
         # mini-batch nothing changes the weights before the only forward pass, so that pass's detached log-probs are
         # exactly the recomputed old log-probs (ratio 1); otherwise a separate no-grad pass computes them first, over
         # the same micro-batches as the update. Reference log-probs come from the frozen initial model.
-        reuse_first_pass = algo.ppo_epochs == 1 and len(plan) == 1
+        reuse_first_pass = (algo.ppo_epochs == 1 and len(plan) == 1) or behaviour_logprobs
         old_lp: dict[int, torch.Tensor] = {}
         ref_lp: dict[int, torch.Tensor] = {}
         self.model.eval()
@@ -214,10 +229,16 @@ class GRPOUpdater:
                     for part in mini:
                         mb = self._collate(data, part)
                         logp, ent = self.forward_logprobs(self.model, mb, with_entropy=True)
-                        if reuse_first_pass:
+                        if reuse_first_pass:  # (with behaviour log-probs: the first pass's, for the gap metric)
                             for row, i in enumerate(part):
-                                old_lp[i] = logp[row].detach()
-                        old = torch.stack([old_lp[i] for i in part])
+                                old_lp.setdefault(i, logp[row].detach())
+                        if behaviour_logprobs:
+                            old = logp.new_zeros(logp.shape)
+                            for row, i in enumerate(part):
+                                lp = data[i].rollout_logprobs[: mb.response_len]
+                                old[row, : len(lp)] = torch.tensor(lp, dtype=old.dtype)
+                        else:
+                            old = torch.stack([old_lp[i] for i in part])
                         # kl_coef 0: no reference pass; the reference equal to the policy makes the KL exactly 0.
                         ref = torch.stack([ref_lp[i] for i in part]) if self.use_reference else logp.detach()
                         adv = advantages[part][:, : mb.response_len].to(logp.device)

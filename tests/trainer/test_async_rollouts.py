@@ -1,0 +1,264 @@
+"""rollout.mode=async with real processes: a PolicyService, ``searchrl rollout-worker`` processes, the trainer as
+``searchrl train``, a real Redis. Faults are SIGKILLs: a worker in the middle of a group (its task is taken over and
+yields one group), the trainer after it trained groups but before the checkpoint that holds them (they are
+delivered again and trained exactly once in the run that survives), Redis with AOF on (no acknowledged group lost).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from searchrl.rollout.v1 import rollout_pb2
+from searchrl.services.rollouts.queue import RolloutQueue, version_step
+from searchrl.trainer.config import load_config
+
+pytestmark = pytest.mark.slow
+
+# Tiny groups (1 question x 2 samples, 2 turns of <= 16 tokens) so that a step takes seconds on two busy cores.
+OVERRIDES = [
+    "seed=3",
+    "data.train=[fanoutqa-sub]",
+    "data.limit=16",
+    "data.batch_size=1",
+    "data.group_size=2",
+    "rollout.engine=remote",
+    "rollout.mode=async",
+    "rollout.max_staleness=1",
+    "rollout.search.backend=inprocess",
+    # every episode searches first (the environment writes the question as the query), as in the demo
+    'rollout.agent.response_prefix="<think> I need to search for this. </think>\\n<search> {question} </search>"',
+    "rollout.agent.max_turns=2",
+    "rollout.agent.max_new_tokens_per_turn=16",
+    "rollout.agent.max_response_tokens=200",
+    "rollout.agent.top_k=2",
+    "rollout.agent.max_doc_chars=120",
+    "rollout.queue.reclaim_idle_s=3",
+    "rollout.queue.wait_timeout_s=240",
+    "algorithm.lr=5e-5",
+    "algorithm.micro_batch_size=2",
+    "logging.metrics_port=0",
+]
+
+
+@pytest.fixture(scope="module")
+def policy(policy_path: str) -> Iterator[Any]:
+    from searchrl.testing import ServiceProcess
+
+    with ServiceProcess("policy", ["--model", policy_path, "--max-batch-size", "4"], timeout_s=300) as svc:
+        yield svc
+
+
+def write_config(tmp_path: Path, redis_url: str, policy: Any, index_dir: Path, *extra: str) -> Path:
+    cfg = load_config(
+        None,
+        [*OVERRIDES, f"rollout.policy_target={policy.target}", f"rollout.queue.redis_url={redis_url}",
+         f"rollout.queue.prefix=test:{uuid.uuid4().hex[:8]}", f"rollout.search.index_dir={index_dir}",
+         f"trainer.output_dir={tmp_path / 'run'}", f"logging.mlflow_tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+         *extra],
+    )  # fmt: skip
+    path = tmp_path / f"config-{uuid.uuid4().hex[:6]}.yaml"
+    path.write_text(cfg.to_yaml())
+    return path
+
+
+def spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    with open(log, "ab") as fh:
+        return subprocess.Popen(
+            [sys.executable, "-m", "searchrl", *args],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+
+
+def kill9(proc: subprocess.Popen[bytes]) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+
+
+def wait_until(cond: Callable[[], bool], timeout_s: float, what: str, logs: list[Path] = ()) -> None:  # type: ignore[assignment]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.2)
+    tails = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in logs if p.exists())
+    raise AssertionError(f"timed out waiting for {what}\n{tails}")
+
+
+def queue_call(cfg_path: Path, fn: Callable[[RolloutQueue], Any]) -> Any:
+    cfg = load_config(cfg_path)
+
+    async def run() -> Any:
+        async with RolloutQueue(cfg.rollout.queue.redis_url, cfg.rollout.queue.prefix) as q:
+            return await fn(q)
+
+    return asyncio.run(run())
+
+
+def rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_a_killed_worker_s_task_is_taken_over_and_yields_one_group(
+    tmp_path: Path, redis_url: str, policy: Any, small_wiki_index: Path
+) -> None:
+    slow = write_config(
+        tmp_path,
+        redis_url,
+        policy,
+        small_wiki_index,
+        "rollout.search.added_latency_s=60",
+        "rollout.search.timeout_s=120",
+    )
+    cfg = load_config(slow)
+    fast = tmp_path / "fast.yaml"
+    fast.write_text(load_config(slow, ["rollout.search.added_latency_s=0"]).to_yaml())
+    task = rollout_pb2.RolloutTask(
+        task_id="t-1", question_id="q-1", question="Where is the Eiffel Tower?", golden_answers=["Paris"], group_size=2
+    )
+
+    async def submit(q: RolloutQueue) -> None:
+        await q.ensure()
+        await q.submit([task])
+
+    queue_call(slow, submit)
+    logs = [tmp_path / "w1.log", tmp_path / "w2.log"]
+    w1 = spawn(["rollout-worker", "--config", str(slow), "--name", "w1"], logs[0])
+    try:
+        # w1 holds the task and is inside the group (its searches wait 30 s)
+        wait_until(lambda: queue_call(slow, lambda q: q.stats()).tasks_running == 1, 180, "w1 to take the task", logs)
+        time.sleep(2)
+        kill9(w1)
+        assert queue_call(slow, lambda q: q.stats()).groups_waiting == 0
+        w2 = spawn(["rollout-worker", "--config", str(fast), "--name", "w2"], logs[1])
+        try:
+            wait_until(lambda: queue_call(slow, lambda q: q.stats()).groups_waiting == 1, 240, "w2's group", logs)
+            time.sleep(1)
+        finally:
+            w2.send_signal(signal.SIGTERM)
+            assert w2.wait(60) == 0
+    finally:
+        if w1.poll() is None:
+            kill9(w1)
+
+    async def read(q: RolloutQueue) -> list[tuple[str, rollout_pb2.RolloutGroup]]:
+        return await q.read_groups("check", count=10)
+
+    groups = queue_call(slow, read)
+    assert len(groups) == 1
+    g = groups[0][1]
+    assert g.task.task_id == "t-1" and g.worker == "w2" and len(g.trajectories) == 2
+    assert len({t.policy_version for t in g.trajectories}) == 1 and g.policy_version == g.trajectories[0].policy_version
+    assert all(t.question == task.question and list(t.golden_answers) == ["Paris"] for t in g.trajectories)
+    assert not any(t.mixed_policy_versions for t in g.trajectories)
+    assert all(t.format_ok == (t.format_error == "") for t in g.trajectories)
+    stats = queue_call(slow, lambda q: q.stats())
+    assert (stats.tasks_waiting, stats.tasks_running) == (0, 0)
+    assert "took over task t-1" in logs[1].read_text()
+    assert cfg.rollout.queue.reclaim_idle_s == 3
+
+
+def test_async_training_survives_a_killed_trainer_and_trains_each_group_once(
+    tmp_path: Path, redis_url: str, policy: Any, small_wiki_index: Path
+) -> None:
+    cfg_path = write_config(
+        tmp_path, redis_url, policy, small_wiki_index, "trainer.max_steps=4", "checkpoint.every_steps=2"
+    )
+    out = tmp_path / "run"
+    logs = [tmp_path / "worker.log", tmp_path / "trainer1.log", tmp_path / "trainer2.log"]
+    worker = spawn(["rollout-worker", "--config", str(cfg_path), "--name", "w"], logs[0])
+    try:
+        t1 = spawn(["train", "--config", str(cfg_path)], logs[1])
+        try:
+            # step 3 trained (its groups read and used), the checkpoint that would hold them (step 4) not written
+            wait_until(lambda: any(r["step"] == 3 for r in rows(out / "metrics.jsonl")), 400, "step 3", logs)
+            kill9(t1)
+        finally:
+            if t1.poll() is None:
+                kill9(t1)
+        first = rows(out / "groups.jsonl")
+        pending = queue_call(cfg_path, lambda q: q.stats()).groups_unacked
+        assert pending >= 1  # step 3's group (and maybe step 4's) read, not acknowledged
+        t2 = spawn(["train", "--config", str(cfg_path)], logs[2])
+        assert t2.wait(600) == 0, logs[2].read_text()[-3000:]
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(60)
+    second = rows(out / "groups.jsonl")[len(first) :]
+    assert "took over" in logs[2].read_text() and "resumed from" in logs[2].read_text()
+    # The surviving run: steps 1-2 from the first trainer (in the checkpoint), steps 3-4 from the second.
+    lineage = [r for r in first if r["step"] <= 2] + second
+    assert sorted(r["step"] for r in lineage) == [1, 2, 3, 4]
+    tasks = [r["task_id"] for r in lineage]
+    assert len(set(tasks)) == len(tasks), tasks  # no group trained twice
+    entries = [r["entry_id"] for r in lineage]
+    assert len(set(entries)) == len(entries)
+    killed_step3 = [r["entry_id"] for r in first if r["step"] == 3]
+    assert set(killed_step3) <= {r["entry_id"] for r in second}  # delivered again, trained in the surviving run
+    # bounded staleness: each group's version lags the weights it trained by at most max_staleness (1)
+    for r in lineage:
+        assert 0 <= (r["step"] - 1) - version_step(r["policy_version"]) <= 1, r  # type: ignore[operator]
+    stats = queue_call(cfg_path, lambda q: q.stats())
+    assert stats.groups_unacked == 0  # everything trained is in the final checkpoint and acknowledged
+    metrics = rows(out / "metrics.jsonl")[-1]
+    assert metrics["step"] == 4 and metrics["stream/group_age_versions"] <= 1
+    for key in ("perf/trainer_idle_share", "perf/episodes_per_s", "stream/lag", "time/wait_s"):
+        assert key in metrics
+    assert queue_call(cfg_path, lambda q: q.policy_version()).startswith("step-4.")
+
+
+def test_acknowledged_groups_survive_a_killed_redis_with_aof(tmp_path: Path) -> None:
+    from searchrl.serving.process import start_redis, stop_process_group
+    from searchrl.testing import free_port
+
+    port = free_port()
+    proc, url = start_redis(port, tmp_path, appendfsync="always")
+
+    async def fill() -> list[str]:
+        async with RolloutQueue(url, "aof") as q:
+            await q.ensure()
+            await q.submit(
+                [rollout_pb2.RolloutTask(task_id=f"t{i}", group_size=1) for i in range(3)], counter=("aof-fed", 3)
+            )
+            for _ in range(3):
+                entry, task = await q.take_task("w", block_ms=None)  # type: ignore[misc]
+                await q.publish_group(entry, rollout_pb2.RolloutGroup(task=task, policy_version="step-0"))
+            read = await q.read_groups("trainer", count=3)
+            await q.ack_groups([read[0][0]])
+            return [e for e, _g in read]
+
+    try:
+        ids = asyncio.run(fill())
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    proc, url = start_redis(port, tmp_path, appendfsync="always")
+
+    async def check() -> tuple[Any, list[tuple[str, rollout_pb2.RolloutGroup]], int]:
+        async with RolloutQueue(url, "aof") as q:
+            stats = await q.stats()
+            claimed = await q.claim_groups("trainer-2")
+            return stats, claimed, await q.counter("aof-fed")
+
+    try:
+        stats, claimed, fed = asyncio.run(check())
+    finally:
+        stop_process_group(proc, 10, group=False)
+    assert (stats.tasks_waiting, stats.tasks_running, stats.groups_waiting, stats.groups_unacked) == (0, 0, 0, 2)
+    assert [e for e, _g in claimed] == ids[1:] and [g.task.task_id for _e, g in claimed] == ["t1", "t2"]
+    assert fed == 3
