@@ -391,7 +391,47 @@ def training_dashboard() -> dashboard.Dashboard:
             "s",
             _q(f"searchrl_train_step_seconds{{{run}}}", "{{phase}} {{pod}}"),
             desc="Seconds of the last step in rollout, reward, update and in total.",
-            span=24,
+        )
+    )
+    d = d.with_panel(
+        _ts(
+            "Trainer idle share and episodes per second",
+            "none",
+            _q(f"searchrl_train_idle_share{{{run}}}", "idle share {{pod}}"),
+            _q(f"searchrl_train_episodes_per_second{{{run}}}", "episodes/s {{pod}}", "B"),
+            desc="Share of a step the trainer did not spend updating (sampling, waiting for rollout groups, pushing "
+            "weights), and episodes trained per second.",
+        )
+    )
+    d = d.with_row(dashboard.Row("Asynchronous rollouts (rollout.mode=async)"))
+    d = d.with_panel(
+        _ts(
+            "Stream lag",
+            "none",
+            _q(f"searchrl_train_stream_lag{{{run}}}", "{{pod}}"),
+            desc="Tasks not started + tasks being sampled + groups not yet read by the trainer.",
+            span=8,
+        )
+    )
+    d = d.with_panel(
+        _ts(
+            "Group age",
+            "s",
+            _q(f"searchrl_train_group_age_seconds{{{run}}}", "{{pod}}"),
+            desc="Seconds from a task's creation to the update that trained its group; growing: the workers fall "
+            "behind (alert SearchRLRolloutLagGrowing).",
+            span=8,
+        )
+    )
+    d = d.with_panel(
+        _ts(
+            "Policy lag and stale groups",
+            "none",
+            _q(f"searchrl_train_group_age_versions{{{run}}}", "versions {{pod}}"),
+            _q(f"searchrl_train_stale_groups{{{run}}}", "stale groups {{pod}}", "B"),
+            desc="Mean versions between the sampling weights and the trained weights (at most rollout.max_staleness), "
+            "and groups skipped as too stale so far.",
+            span=8,
         )
     )
     return d

@@ -210,6 +210,12 @@ def test_bundled_redis_and_mlflow_are_statefulsets(render):
     c = pod(redis)["containers"][0]
     assert "$REDIS_PASSWORD" in c["args"][0] and env_of(c)["REDIS_PASSWORD"]["secretKeyRef"]["name"] == "searchrl-redis"
     assert redis["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "8Gi"
+    # #16: acknowledged rollout groups survive a restart (AOF on the volume) and memory pressure (only keys with a
+    # TTL, the search cache, are evicted)
+    assert "--appendonly yes --appendfsync everysec" in c["args"][0]
+    assert "--maxmemory-policy volatile-lru" in c["args"][0]
+    no_aof = pod(one(render(redis={"persistence": {"enabled": False}}), "StatefulSet", "searchrl-redis"))
+    assert "--appendonly no" in no_aof["containers"][0]["args"][0]
     mlflow = one(objs, "StatefulSet", "searchrl-mlflow")
     args = pod(mlflow)["containers"][0]["args"][0]
     assert "--allowed-hosts" in args and "searchrl-mlflow.searchrl*" in args

@@ -10,6 +10,12 @@ Prometheus metric names are fixed (the chart's PrometheusRule and Grafana dashbo
 ``searchrl_train_kl``                        mean per-token KL to the reference (nats)
 ``searchrl_train_noisy_share``               share of searches answered with noisy simulated documents
 ``searchrl_train_step_seconds{phase}``       seconds of the last step in rollout / reward / update / total
+``searchrl_train_idle_share``                share of the last step outside the update
+``searchrl_train_episodes_per_second``       episodes trained per second of the last step
+``searchrl_train_stream_lag``                async: tasks waiting + tasks running + groups not yet read
+``searchrl_train_group_age_versions``        async: mean version lag of the groups trained in the last step
+``searchrl_train_group_age_seconds``         async: mean seconds from task creation to training
+``searchrl_train_stale_groups``              async: groups skipped as too stale so far
 ``searchrl_train_guard_tripped{guard}``      1 when the guard tripped on the last step, else 0
 ==========================================  ===========================================================
 
@@ -46,6 +52,29 @@ SCALARS = {
     "searchrl_train_search_failure_ratio": (
         "Share of the last step's searches that failed or timed out (error observations instead of documents).",
         "rollout/search_failure_rate",
+    ),
+    "searchrl_train_idle_share": (
+        "Share of the last step's wall time the trainer spent outside the update (sampling or waiting for groups, "
+        "pushing weights).",
+        "perf/trainer_idle_share",
+    ),
+    "searchrl_train_episodes_per_second": ("Episodes trained per second of the last step.", "perf/episodes_per_s"),
+    "searchrl_train_stream_lag": (
+        "rollout.mode=async: tasks not started, tasks being sampled and groups not yet read (0 in sync mode).",
+        "stream/lag",
+    ),
+    "searchrl_train_group_age_versions": (
+        "rollout.mode=async: mean policy versions between the weights that sampled the last step's groups and the "
+        "weights they trained.",
+        "stream/group_age_versions",
+    ),
+    "searchrl_train_group_age_seconds": (
+        "rollout.mode=async: mean seconds from a task's creation to the update that trained its group.",
+        "stream/group_age_s",
+    ),
+    "searchrl_train_stale_groups": (
+        "rollout.mode=async: groups skipped so far for lagging more than rollout.max_staleness versions.",
+        "stream/stale_groups_total",
     ),
 }
 
