@@ -81,7 +81,11 @@ def run_mode(mode: str, latency: float, args: argparse.Namespace, redis_url: str
 
     run = Run(mode, latency)
     name = f"{mode}-{latency:g}s"
-    with ServiceProcess("policy", ["--max-batch-size", "16"], timeout_s=300) as policy:
+    # Threads: in sync mode rollout and update alternate, so each gets every core (torch's default). In async mode
+    # they run at once: the PolicyService, the trainer and each worker get --async-threads threads, as two-thread
+    # OpenMP teams of two processes on two cores slowed both 4-7x (first runs of this benchmark).
+    threads = ["--torch-threads", str(args.async_threads)] if mode == "async" else []
+    with ServiceProcess("policy", ["--max-batch-size", "16", *threads], timeout_s=300) as policy:
         cfg = load_config(
             DEMO_CONFIG,
             [
@@ -96,6 +100,8 @@ def run_mode(mode: str, latency: float, args: argparse.Namespace, redis_url: str
                 "rollout.engine=remote",
                 f"rollout.policy_target={policy.target}",
                 f"rollout.mode={mode}",
+                # set in every run: torch's thread count is per process, and runs share this one
+                f"model.torch_threads={args.async_threads if mode == 'async' else os.cpu_count()}",
                 "rollout.search.backend=inprocess",
                 f"rollout.search.index_dir={index_dir}",
                 f"rollout.search.added_latency_s={latency}",
@@ -114,7 +120,8 @@ def run_mode(mode: str, latency: float, args: argparse.Namespace, redis_url: str
                 log = open(tmp / f"{name}-worker{i}.log", "wb")  # noqa: SIM115 - closed with the process
                 cmd = [sys.executable, "-m", "searchrl", "rollout-worker", "--config", str(cfg_path),
                        "--name", f"w{i}", "--metrics-port", str(port)]  # fmt: skip
-                workers.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), port))
+                env = {**os.environ, "OMP_NUM_THREADS": str(args.async_threads)}
+                workers.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), port))
         trainer = LocalTrainer(cfg)
         try:
             trainer.setup(resume=False)
@@ -153,6 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency", default="0,1", help="comma-separated seconds added before each search")
     parser.add_argument("--modes", default="sync,async", help="comma-separated modes to run")
     parser.add_argument("--index-docs", type=int, default=300, help="Wikipedia summaries in the benchmark index")
+    parser.add_argument(
+        "--async-threads",
+        type=int,
+        default=1,
+        help="torch/OpenMP threads of the PolicyService, the trainer and each worker in async mode (sync: torch's "
+        "default, every core)",
+    )
     parser.add_argument("--set", action="append", default=[], help="extra config override for every run")
     args = parser.parse_args(argv)
     if args.steps < 2:

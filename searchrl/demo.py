@@ -66,6 +66,8 @@ class DemoArgs:
     seed: int
     config: str
     extra_overrides: list[str] = field(default_factory=list)
+    rollout_mode: str = "sync"
+    rollout_workers: int = 1
 
 
 def _parse(argv: Sequence[str] | None) -> DemoArgs:
@@ -95,6 +97,14 @@ def _parse(argv: Sequence[str] | None) -> DemoArgs:
     p.add_argument(
         "--config", default="", help="base trainer YAML (default: trainer/searchrl/trainer/configs/local_demo.yaml)"
     )
+    p.add_argument(
+        "--rollout-mode",
+        choices=("sync", "async"),
+        default="sync",
+        help="async: rollout workers sample groups through the PolicyService while the trainer updates "
+        "(rollout.mode=async, README 'Asynchronous rollouts')",
+    )
+    p.add_argument("--rollout-workers", type=int, default=1, help="rollout workers with --rollout-mode async")
     p.add_argument("--fresh", action="store_true", help="delete the run folder first (no resume)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra trainer config override")
     a = p.parse_args(argv)
@@ -121,6 +131,8 @@ def _parse(argv: Sequence[str] | None) -> DemoArgs:
         seed=a.seed,
         config=a.config,
         extra_overrides=list(a.set),
+        rollout_mode=a.rollout_mode,
+        rollout_workers=a.rollout_workers,
     )
 
 
@@ -266,9 +278,18 @@ def _train_config(a: DemoArgs, endpoints: dict[str, str], train_parquet: Path, m
         f"logging.rollout_redis_url={endpoints.get('redis', '')}",
         "checkpoint.every_steps=1",
         "checkpoint.keep_last=2",
+        *(async_overrides(a, endpoints) if a.rollout_mode == "async" and endpoints else []),
         *a.extra_overrides,
     ]
     return load_config(base, overrides)
+
+
+def async_overrides(a: DemoArgs, endpoints: dict[str, str]) -> list[str]:
+    """What ``--rollout-mode async`` changes in the training config: workers and trainer on the stack's PolicyService
+    and Redis, a stream prefix of this run, a checkpoint per step (groups are acknowledged once checkpointed)."""
+    from searchrl.stack import worker_overrides
+
+    return [*worker_overrides(endpoints), f"rollout.queue.prefix=searchrl:demo:{a.out.resolve().name}:{a.seed}"]
 
 
 def _curves(history: list[dict[str, float]], path: Path) -> None:
@@ -371,6 +392,12 @@ def write_report(
         f"Policy SmolLM2-135M-Instruct, GRPO for {train_result.step} steps ({a.batch_size} questions x group {a.group_size}), "
         f"search during training: {a.search}"
         + (f" (simulator share {a.mixed_ratio}, ZeroSearch curriculum)" if a.search == "mixed" else "")
+        + (
+            f"; asynchronous rollouts ({a.rollout_workers} worker(s); the last step's groups lagged the weights "
+            f"by {train_result.metrics.get('stream/group_age_versions', 0):.1f} versions on average)"
+            if a.rollout_mode == "async"
+            else ""
+        )
         + ".",
         f"Held-out questions: {effect[0]['n'] if effect else 0} questions the corpus can answer (entity-disjoint from "
         "the training and dev questions), evaluated with the real retriever, greedy decoding, the agent settings of "
@@ -548,6 +575,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from searchrl.trainer.local.trainer import train
 
         cfg = _train_config(a, endpoints, sets.train_path, mlflow_uri)
+        workers: list[str] = []
+        if a.rollout_mode == "async":
+            from searchrl.stack import start_rollout_workers
+
+            worker_cfg = a.out / "worker_config.yaml"
+            worker_cfg.write_text(cfg.to_yaml())
+            workers = start_rollout_workers(sup, endpoints, a.rollout_workers, str(worker_cfg))
+            stages.say(f"{len(workers)} rollout worker(s) sample groups into {cfg.rollout.queue.prefix}-groups")
 
         def on_step(step: int, m: dict[str, float]) -> None:
             stages.say(
@@ -557,6 +592,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
 
         result = train(cfg, resume=True, progress=on_step)
+        for name in workers:  # the groups still queued are not needed; the evaluation gets the machine to itself
+            sup.stop_child(name)
         if result.stopped_by == "signal":
             stages.say(
                 f"[yellow]interrupted after step {result.step}; checkpoint {result.checkpoint}. Run the demo again to resume.[/]"

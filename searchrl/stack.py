@@ -137,6 +137,15 @@ class Supervisor:
             ) from exc
         self.write_state()
 
+    def stop_child(self, name: str, grace_s: float = 15.0) -> None:
+        """Stops one child for good (it is not restarted)."""
+        with self._lock:
+            self.specs = [sp for sp in self.specs if sp.name != name]
+            proc = self.procs.pop(name, None)
+        if proc is not None:
+            stop_process_group(proc, grace_s)
+        self.write_state()
+
     def watch(self) -> None:
         """Starts the monitor thread that restarts crashed children with exponential backoff."""
         self._monitor = threading.Thread(target=self._watch, name="searchrl-supervisor", daemon=True)
@@ -146,8 +155,8 @@ class Supervisor:
         next_try: dict[str, float] = {}
         while not self._stop.wait(0.5):
             for spec in list(self.specs):
-                proc = self.procs[spec.name]
-                if proc.poll() is None:
+                proc = self.procs.get(spec.name)
+                if proc is None or proc.poll() is None:  # stopped for good (stop_child), or running
                     continue
                 now = time.monotonic()
                 if spec.name not in next_try:
@@ -265,24 +274,43 @@ def start_stack(cfg: StackConfig, progress: object = None) -> tuple[Supervisor, 
             endpoints[name] = f"127.0.0.1:{gport}"
             endpoints[f"{name}_metrics"] = f"http://127.0.0.1:{mport}/metrics"
             say(f"{name} healthy in {time.monotonic() - t0:.1f}s")
-        for i in range(cfg.rollout_workers):
-            if "policy" not in endpoints or "redis" not in endpoints:
-                raise ValueError("rollout workers need the policy service and Redis")
-            mport = free_port()
-            cmd = [sys.executable, "-m", "searchrl", "rollout-worker", "--name", f"worker-{i}",
-                   "--metrics-port", str(mport), *(["--config", cfg.worker_config] if cfg.worker_config else []),
-                   *worker_overrides(endpoints)]  # fmt: skip
-            threads = str(cfg.threads_per_service)
-            env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-            sup.start(ChildSpec(f"rollout-worker-{i}", cmd, metrics_port=mport, env=env))
-            endpoints[f"rollout-worker-{i}_metrics"] = f"http://127.0.0.1:{mport}/metrics"
-            say(f"rollout worker {i} started (tasks from {endpoints['redis']})")
+        if cfg.rollout_workers:
+            start_rollout_workers(sup, endpoints, cfg.rollout_workers, cfg.worker_config, cfg.threads_per_service)
+            say(f"{cfg.rollout_workers} rollout worker(s) started (tasks from {endpoints['redis']})")
         sup.write_state({"endpoints_all": endpoints})
         sup.watch()
     except BaseException:
         sup.stop()
         raise
     return sup, endpoints
+
+
+def start_rollout_workers(
+    sup: Supervisor,
+    endpoints: dict[str, str],
+    n: int,
+    config: str = "",
+    threads: int = 1,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """Starts ``n`` supervised ``searchrl rollout-worker`` processes reading ``config`` (plus
+    :func:`worker_overrides` and ``extra``); returns their names. Adds each one's metrics URL to ``endpoints``.
+
+    Raises:
+        ValueError: the stack has no policy service or no Redis.
+    """
+    if "policy" not in endpoints or "redis" not in endpoints:
+        raise ValueError("rollout workers need the policy service and Redis")
+    names = []
+    for i in range(n):
+        name, mport = f"rollout-worker-{i}", free_port()
+        cmd = [sys.executable, "-m", "searchrl", "rollout-worker", "--name", name, "--metrics-port", str(mport),
+               *(["--config", config] if config else []), *worker_overrides(endpoints), *extra]  # fmt: skip
+        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        sup.start(ChildSpec(name, cmd, metrics_port=mport, env=env))
+        endpoints[f"{name}_metrics"] = f"http://127.0.0.1:{mport}/metrics"
+        names.append(name)
+    return names
 
 
 def worker_overrides(endpoints: dict[str, str]) -> list[str]:

@@ -62,3 +62,23 @@ def test_tiny_demo_report_matches_mlflow_and_resumes(tmp_path: Path) -> None:
     steps = [int(h["step"]) for h in report2["training"]]
     assert steps == [1, 2]
     assert report2["training"][0]["reward/mean"] == pytest.approx(last["reward/mean"])
+
+
+@pytest.mark.timeout(2400)
+def test_tiny_demo_with_asynchronous_rollouts(tmp_path: Path) -> None:
+    """--rollout-mode async: a rollout worker samples every group the trainer trains, through the stack's
+    PolicyService, which serves each step's weights; the report says so."""
+    out = tmp_path / "demo-async"
+    run = _demo(out, "--steps", "2", "--rollout-mode", "async")
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report["final_step"] == 2 and report["settings"]["rollout_mode"] == "async"
+    groups = [json.loads(line) for line in (out / "train" / "groups.jsonl").read_text().splitlines()]
+    assert [g["step"] for g in groups] == [1, 1, 2, 2]  # tiny: 2 questions per step
+    assert {g["worker"] for g in groups} == {"rollout-worker-0"}
+    assert len({g["task_id"] for g in groups}) == 4
+    for h in report["training"]:
+        assert 0 <= h["stream/group_age_versions"] <= 1 and h["stream/stale_groups"] == 0
+        assert h["rollout/episodes"] == 4 and "perf/trainer_idle_share" in h
+    assert "asynchronous rollouts (1 worker(s)" in (out / "report" / "report.md").read_text()
+    assert (out / "stack" / "rollout-worker-0.log").exists()

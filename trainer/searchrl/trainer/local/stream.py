@@ -143,11 +143,13 @@ class GroupFeed:
         self.lineage = [*self.lineage, version][-(self.config.rollout.max_staleness + 1) :]
 
     # ------------------------------------------------------------------------------------------ feeding
-    async def feed(self, step: int) -> None:
-        """Submits whole batches until ``batch_size x (max_staleness + 1)`` groups are outstanding."""
+    async def feed(self, step: int, target: int | None = None) -> None:
+        """Submits whole batches until ``target`` groups (default ``batch_size x (max_staleness + 1)``: this step's
+        and the next ``max_staleness`` steps') are outstanding, i.e. submitted and not yet consumed."""
         cfg = self.config
         b = cfg.data.batch_size
-        target = b * (cfg.rollout.max_staleness + 1)
+        if target is None:
+            target = b * (cfg.rollout.max_staleness + 1)
         while self.fed * b - self.consumed < target:
             idx = self.cursor.next_batch()
             now = time.time()
@@ -222,6 +224,8 @@ class GroupFeed:
                     got.append((entry_id, g))
                     ages.append(step - (version_step(g.policy_version) or 0))
             if len(got) < need:
-                await self.feed(step)  # skipped groups need replacements
+                # Only when skipped groups left too few outstanding for this step: topping up to the full target
+                # here, as groups arrive one by one, would run the workers ahead by more than max_staleness steps.
+                await self.feed(step, target=need - len(got))
         self.stale_total += stale
         return StepGroups(got, time.perf_counter() - t0, stale, ages)
