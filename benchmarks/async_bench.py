@@ -130,7 +130,7 @@ def run_mode(mode: str, latency: float, args: argparse.Namespace, redis_url: str
                 run.step_ends.append(time.perf_counter())
                 print(
                     f"  {name} step {step}: {m['time/total_s']:.1f}s (update {m['time/update_s']:.1f}s, idle "
-                    f"{m['perf/trainer_idle_share']:.2f}) reward {m['reward/mean']:.3f}",
+                    f"{m['time/trainer_idle_share']:.2f}) reward {m['reward/mean']:.3f}",
                     flush=True,
                 )
 
@@ -206,9 +206,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{run.steps_per_hour:.0f}",
             f"{3600 / run.steps_per_hour:.1f}" if run.steps_per_hour else "",
             f"{run.mean('time/update_s'):.1f}",
-            f"{run.mean('perf/trainer_idle_share'):.2f}",
+            f"{run.mean('time/trainer_idle_share'):.2f}",
             f"{run.worker_idle:.2f}" if run.worker_idle is not None else "-",
-            f"{run.mean('perf/episodes_per_s'):.2f}",
+            f"{run.mean('time/episodes_per_s'):.2f}",
             f"{run.mean('stream/group_age_versions'):.2f}" if run.mode == "async" else "0",
             f"{sum(r.get('stream/stale_groups', 0) for r in run.history):.0f}",
             f"{run.mean('reward/mean'):.3f}",

@@ -79,6 +79,6 @@ def test_tiny_demo_with_asynchronous_rollouts(tmp_path: Path) -> None:
     assert len({g["task_id"] for g in groups}) == 4
     for h in report["training"]:
         assert 0 <= h["stream/group_age_versions"] <= 1 and h["stream/stale_groups"] == 0
-        assert h["rollout/episodes"] == 4 and "perf/trainer_idle_share" in h
+        assert h["rollout/episodes"] == 4 and "time/trainer_idle_share" in h
     assert "asynchronous rollouts (1 worker(s)" in (out / "report" / "report.md").read_text()
     assert (out / "stack" / "rollout-worker-0.log").exists()

@@ -56,9 +56,9 @@ SCALARS = {
     "searchrl_train_idle_share": (
         "Share of the last step's wall time the trainer spent outside the update (sampling or waiting for groups, "
         "pushing weights).",
-        "perf/trainer_idle_share",
+        "time/trainer_idle_share",
     ),
-    "searchrl_train_episodes_per_second": ("Episodes trained per second of the last step.", "perf/episodes_per_s"),
+    "searchrl_train_episodes_per_second": ("Episodes trained per second of the last step.", "time/episodes_per_s"),
     "searchrl_train_stream_lag": (
         "rollout.mode=async: tasks not started, tasks being sampled and groups not yet read (0 in sync mode).",
         "stream/lag",

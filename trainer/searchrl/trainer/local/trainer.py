@@ -479,8 +479,8 @@ class LocalTrainer:
         metrics.update(stream)
         total = metrics["time/total_s"] = time.perf_counter() - t0
         # The same in both modes: the share of the step the trainer did not spend updating, and the episode rate.
-        metrics["perf/trainer_idle_share"] = 1.0 - (t3 - t2) / total
-        metrics["perf/episodes_per_s"] = len(episodes) / total
+        metrics["time/trainer_idle_share"] = 1.0 - (t3 - t2) / total
+        metrics["time/episodes_per_s"] = len(episodes) / total
         metrics["train/epoch"] = float(self.cursor.epoch)
         events = self.guards.update(
             step,
