@@ -51,3 +51,13 @@ class FailedPrecondition(SearchRLError):
     """The server is not in a state to serve the request (e.g. index and model disagree)."""
 
     grpc_code_name = "FAILED_PRECONDITION"
+
+
+def error_for_status(code_name: str, message: str) -> SearchRLError:
+    """The searchrl error a gRPC status maps to (the inverse of the table above), for clients that turn a peer's
+    status back into an exception: ``error_for_status("UNAVAILABLE", "...")`` is an :class:`Unavailable`. Any other
+    status is a plain :class:`SearchRLError` whose message names it."""
+    for cls in (InvalidRequest, Unavailable, DeadlineExceeded, ResourceExhausted, FailedPrecondition):
+        if cls.grpc_code_name == code_name:
+            return cls(message)
+    return SearchRLError(f"{code_name}: {message}")

@@ -434,6 +434,39 @@ def training_dashboard() -> dashboard.Dashboard:
             span=8,
         )
     )
+    # The rollout workers (chart: rolloutWorker) are scraped by the trainer PodMonitor; not filtered by $pod, which
+    # lists the trainer's pods.
+    d = d.with_panel(
+        _ts(
+            "Rollout workers: idle share",
+            "percentunit",
+            _q(f"searchrl_worker_idle_share{{{NS}}}", "{{pod}}"),
+            desc="Share of each rollout worker's life with no task in hand. High on every worker: the trainer feeds "
+            "fewer tasks than the workers could sample (more workers than it needs).",
+            span=8,
+        )
+    )
+    d = d.with_panel(
+        _ts(
+            "Rollout workers: groups and episodes per second",
+            "reqps",
+            _q(f"sum(rate(searchrl_worker_groups_total{{{NS}}}[5m]))", "groups/s"),
+            _q(f"sum(rate(searchrl_worker_episodes_total{{{NS}}}[5m]))", "episodes/s", "B"),
+            _q(f"sum(rate(searchrl_worker_regenerated_groups_total{{{NS}}}[5m]))", "regenerated groups/s", "C"),
+            desc="Summed over the workers. Regenerated: groups sampled again because the weights changed in the "
+            "middle of the group (a group never mixes two policy versions).",
+            span=8,
+        )
+    )
+    d = d.with_panel(
+        _ts(
+            "Rollout workers: tasks in flight",
+            "none",
+            _q(f"searchrl_worker_tasks_in_flight{{{NS}}}", "{{pod}}"),
+            desc="Tasks each worker is sampling now (at most rollout.queue.groups_in_flight).",
+            span=8,
+        )
+    )
     return d
 
 

@@ -17,7 +17,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = {"reward": 50051, "retriever": 50052, "simulator": 50053, "policy": 50054}
-CI_VALUES = ["cpu-only-values.yaml", "gpu-values.yaml", "external-redis-values.yaml"]
+CI_VALUES = ["cpu-only-values.yaml", "gpu-values.yaml", "external-redis-values.yaml", "async-rollouts-values.yaml"]
 REQUIRED_ALERTS = {
     "SearchRLTargetDown",
     "SearchRLServiceNotServing",
@@ -572,3 +572,90 @@ def test_file_paths_in_notes_and_comments_exist(helm_notes, deploy_paths):
             elif not (root / ref).exists():
                 missing.append((where, ref))
     assert not missing, missing
+
+
+# ------------------------------------------------------------------------------------------------ rollout workers
+
+
+def test_rollout_workers_are_off_by_default(render):
+    objs = render()
+    assert not find(objs, "Deployment", "searchrl-rollout-worker")
+    assert not find(objs, "ScaledObject", "searchrl-rollout-worker")
+
+
+def test_rollout_worker_pods_compose_a_worker_config_for_this_release(render, tmp_path):
+    """#16: the worker Deployment's command line, with the kubelet's $(VAR) expansion and its ConfigMap, is a valid
+    `searchrl rollout-worker` invocation whose composed config reaches this release's policy service and Redis, on
+    the streams KEDA scales on; the pods are admitted by the services' and Redis's NetworkPolicies and scraped."""
+    from searchrl.services.rollouts.queue import WORKERS_GROUP, RolloutQueue
+    from searchrl.trainer.rollout_worker import build_parser, load_worker_config
+
+    objs = render("async-rollouts-values.yaml")
+    dep = one(objs, "Deployment", "searchrl-rollout-worker")
+    spec = pod(dep)
+    (c,) = spec["containers"]
+    env = env_of(c)
+    assert c["image"] == "ghcr.io/searchrl/searchrl-trainer:0.1.0"  # entrypoint `searchrl`
+    assert c["args"][0] == "rollout-worker"
+    args = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in c["args"][1:]]
+    assert not any("$(" in a for a in args)
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    cm = one(objs, "ConfigMap", "searchrl-rollout-worker")
+    assert {"name": "config", "configMap": {"name": "searchrl-rollout-worker"}} in spec["volumes"]
+    config_path = f"{mounts['config']}/config.yaml"
+    assert f"--config={config_path}" in args
+    (tmp_path / "config.yaml").write_text(cm["data"]["config.yaml"])
+    ns = build_parser().parse_args([a.replace(config_path, str(tmp_path / "config.yaml")) for a in args])
+    cfg = load_worker_config(ns)
+
+    policy = one(objs, "Service", "searchrl-policy")
+    policy_port = {p["name"]: p["port"] for p in policy["spec"]["ports"]}["grpc"]
+    assert cfg.rollout.engine == "remote"
+    assert cfg.rollout.policy_target == f"dns:///searchrl-policy.searchrl.svc.cluster.local:{policy_port}"
+    assert cfg.rollout.search.backend == "retriever"
+    assert cfg.rollout.search.retriever_target.startswith("dns:///searchrl-retriever.searchrl.svc.cluster.local:")
+    assert cfg.model.path == "smollm2-135m-instruct"  # the policy's model: the same tokenizer
+    # the ConfigMap's keys (shared with the trainer) survive the chart's wiring
+    assert cfg.seed == 1 and cfg.rollout.agent.max_turns == 2 and cfg.rollout.agent.max_new_tokens_per_turn == 24
+    assert cfg.rollout.queue.prefix == "searchrl:run-1"
+    assert cfg.rollout.queue.redis_url == "redis://searchrl-redis.searchrl.svc.cluster.local:6379/0"
+    assert env["SEARCHRL_REDIS_PASSWORD"]["secretKeyRef"]["name"] == "searchrl-redis"
+    # client auth from the environment (ChannelOptions.from_env), the token file mounted from the Secret
+    assert env["SEARCHRL_AUTH_TOKEN_FILE"].startswith(mounts["auth"] + "/")
+    # metrics: the trainer PodMonitor scrapes port "metrics" of pods with the client labels
+    assert ns.metrics_host == "0.0.0.0"
+    assert {p["name"]: p["containerPort"] for p in c["ports"]}["metrics"] == ns.metrics_port
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    monitor = one(objs, "PodMonitor", "searchrl-trainer")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    services_np = one(objs, "NetworkPolicy", "searchrl-services")
+    assert any(
+        f.get("podSelector", {}).get("matchLabels", {}).items() <= labels.items() and f.get("podSelector")
+        for f in services_np["spec"]["ingress"][0]["from"]
+    )
+    redis_np = one(objs, "NetworkPolicy", "searchrl-redis")
+    redis_from = redis_np["spec"]["ingress"][0]["from"]
+    assert any(f.get("podSelector", {}).get("matchLabels", {}).items() <= labels.items() for f in redis_from)
+
+    # KEDA: the lag of the workers' consumer group on the task stream the workers read
+    assert "replicas" not in dep["spec"]
+    so = one(objs, "ScaledObject", "searchrl-rollout-worker")
+    assert so["spec"]["scaleTargetRef"]["name"] == "searchrl-rollout-worker"
+    (trigger,) = so["spec"]["triggers"]
+    meta = trigger["metadata"]
+    assert trigger["type"] == "redis-streams"
+    assert meta["stream"] == RolloutQueue(cfg.rollout.queue.redis_url, cfg.rollout.queue.prefix).task_stream
+    assert meta["consumerGroup"] == WORKERS_GROUP
+    assert int(meta["lagCount"]) >= 1 and "pendingEntriesCount" not in meta
+    assert meta["address"] == "searchrl-redis.searchrl.svc.cluster.local:6379"
+    assert "secretKeyRef" in env[meta["passwordFromEnv"]]  # KEDA reads the password the pod reads; none in values
+    # KEDA's operator reaches Redis
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "keda"}}} in redis_from
+
+
+def test_rollout_workers_need_the_policy_service(render):
+    with pytest.raises(subprocess.CalledProcessError) as err:
+        render(rolloutWorker={"enabled": True, "queuePrefix": "p", "image": {"repository": "searchrl-trainer"},
+                              "keda": {"enabled": False}}, policy={"enabled": False})  # fmt: skip
+    assert "rolloutWorker.enabled samples through this release's policy service" in err.value.stderr

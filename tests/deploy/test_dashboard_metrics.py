@@ -47,6 +47,7 @@ OWNERS = {
     "searchrl_policy_": "policy",
     "searchrl_reward_": "reward",
     "searchrl_search_cache_": "retriever",
+    "searchrl_worker_": "rollout-worker",
 }
 NOT_OURS = {"up"}  # Prometheus' own scrape series
 
@@ -191,6 +192,19 @@ def test_trainer_exports_what_dashboards_and_alerts_read(render, trainer_exposit
     for guard in ("reward_collapse", "no_search", "kl_explosion"):
         assert f'guard="{guard}"' in exprs
         assert f'guard="{guard}"' in trainer_text
+
+
+def test_rollout_worker_exports_what_dashboards_read(render):
+    """#16: the worker panels read the series a `searchrl rollout-worker` serves on --metrics-port."""
+    from prometheus_client import generate_latest
+
+    from searchrl.trainer.rollout_worker import WorkerMetrics
+
+    series, _labels = exported_series(generate_latest(WorkerMetrics().registry).decode())
+    wanted = {r for r in referenced(render) if owner(r) == "rollout-worker"}
+    assert {"searchrl_worker_idle_share", "searchrl_worker_groups_total"} <= wanted
+    missing = sorted(wanted - series)
+    assert not missing, f"the rollout worker does not export {missing}"
 
 
 def test_a_wrong_metric_name_would_be_caught(trainer_exposition):

@@ -213,17 +213,29 @@ class RolloutWorker:
             Tasks taken.
 
         Raises:
-            Unavailable: Redis or the PolicyService stayed unreachable (after the clients' own retries).
+            Unavailable: Redis or the PolicyService stayed unreachable (after the clients' own retries); the failed
+                task stays pending, for another worker after ``rollout.queue.reclaim_idle_s``.
         """
         stop = stop or asyncio.Event()
         q = self.config.rollout.queue
         gate = asyncio.Semaphore(q.groups_in_flight)
         running: set[asyncio.Task[None]] = set()
+        failed: list[BaseException] = []
+
+        def finished(t: asyncio.Task[None]) -> None:
+            running.discard(t)
+            gate.release()
+            if not t.cancelled() and t.exception() is not None:
+                failed.append(t.exception())  # type: ignore[arg-type]
+
         taken = 0
         await self.queue.ensure()
         try:
             while not stop.is_set() and (max_groups is None or taken < max_groups):
                 await gate.acquire()
+                if failed:  # a task failed past its clients' retries (e.g. the PolicyService stayed down)
+                    gate.release()
+                    raise failed[0]
                 got = None
                 try:
                     got = await self.queue.take_task(
@@ -238,12 +250,11 @@ class RolloutWorker:
                 self._mark(+1)
                 t = asyncio.create_task(self._one(*got))
                 running.add(t)
-                t.add_done_callback(running.discard)
-                t.add_done_callback(lambda _t: gate.release())
-                for done in [d for d in running if d.done() and d.exception() is not None]:
-                    raise done.exception()  # type: ignore[misc]
+                t.add_done_callback(finished)
             if running:
                 await asyncio.gather(*running)
+            if failed:
+                raise failed[0]
         finally:
             for t in running:
                 t.cancel()
@@ -256,11 +267,11 @@ async def _amain(config: TrainConfig, name: str, metrics_port: int, metrics_host
     from searchrl.assets import policy_model_path
     from searchrl.client.policy import PolicyClient
     from searchrl.services.policy.engines.remote import RemotePolicyBackend
-    from searchrl.trainer.local.trainer import open_search_backend
+    from searchrl.trainer.local.trainer import open_search_backend, policy_channel_options
 
     cfg = config
     tokenizer = AutoTokenizer.from_pretrained(policy_model_path(cfg.model.path))
-    client = PolicyClient(cfg.rollout.policy_target)
+    client = PolicyClient(cfg.rollout.policy_target, policy_channel_options())
     search = await open_search_backend(cfg.rollout.search, cfg.seed)
     queue = RolloutQueue(cfg.rollout.queue.redis_url, cfg.rollout.queue.prefix)
     worker = RolloutWorker(queue, RemotePolicyBackend(client, tokenizer), search, cfg, name=name)
@@ -288,8 +299,8 @@ async def _amain(config: TrainConfig, name: str, metrics_port: int, metrics_host
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``searchrl rollout-worker``; returns the exit code (2: bad configuration)."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``searchrl rollout-worker`` (the chart's Deployment passes these flags)."""
     parser = argparse.ArgumentParser(
         prog="searchrl rollout-worker", description="Sample GRPO groups for an asynchronous trainer."
     )
@@ -298,12 +309,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics here (0: off)")
     parser.add_argument("--metrics-host", default="127.0.0.1", help="bind address of the metrics endpoint")
     parser.add_argument("overrides", nargs="*", help="config overrides as key.sub=value")
-    args = parser.parse_args(list(argv) if argv is not None else None)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return parser
+
+
+def load_worker_config(args: argparse.Namespace) -> TrainConfig:
+    """The worker's configuration from parsed :func:`build_parser` arguments: the YAML file, then the overrides.
+
+    Raises:
+        InvalidRequest: unreadable file, unknown key or invalid value.
+    """
     from searchrl.trainer.config import load_config
 
+    return load_config(args.config, args.overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``searchrl rollout-worker``; returns the exit code (2: bad configuration)."""
+    args = build_parser().parse_args(list(argv) if argv is not None else None)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_worker_config(args)
     except InvalidRequest as exc:
         print(f"searchrl rollout-worker: {exc}", file=sys.stderr)
         return 2

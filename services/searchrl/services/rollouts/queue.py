@@ -33,7 +33,7 @@ from google.protobuf.message import DecodeError, Message
 from redis.exceptions import ResponseError
 
 from searchrl.rollout.v1 import rollout_pb2
-from searchrl.services.rollouts.store import _s, _unavailable
+from searchrl.services.rollouts.store import as_str, redis_unavailable
 from searchrl.serving.config import redis_password
 
 log = logging.getLogger("searchrl.rollouts.queue")
@@ -122,7 +122,7 @@ class RolloutQueue:
     async def ensure(self) -> None:
         """Creates both streams and their consumer groups unless they exist (idempotent)."""
         for stream, group in ((self.task_stream, WORKERS_GROUP), (self.group_stream, TRAINER_GROUP)):
-            with _unavailable("XGROUP CREATE"):
+            with redis_unavailable("XGROUP CREATE"):
                 try:
                     await self._client.xgroup_create(stream, group, id="0", mkstream=True)
                 except ResponseError as exc:
@@ -136,7 +136,7 @@ class RolloutQueue:
         out: list[tuple[str, M]] = []
         bad: list[str] = []
         for raw_id, fields in entries:
-            entry_id = _s(raw_id)
+            entry_id = as_str(raw_id)
             blob = fields.get(b"m") if fields else None
             try:
                 if blob is None:
@@ -148,10 +148,10 @@ class RolloutQueue:
                 )
                 bad.append(entry_id)
                 dead = {**(fields or {}), b"source": f"{stream}/{entry_id}".encode(), b"error": str(exc).encode()}
-                with _unavailable("XADD dead letter"):
+                with redis_unavailable("XADD dead letter"):
                     await self._client.xadd(self.dead_letter_stream, dead)
         if bad:
-            with _unavailable("XACK"):
+            with redis_unavailable("XACK"):
                 await self._client.xack(stream, group, *bad)
         return out
 
@@ -159,7 +159,7 @@ class RolloutQueue:
         self, stream: str, group: str, consumer: str, count: int, block_ms: int | None, cls: type[M]
     ) -> list[tuple[str, M]]:
         for attempt in (0, 1):
-            with _unavailable("XREADGROUP"):
+            with redis_unavailable("XREADGROUP"):
                 try:
                     reply: Any = await self._client.xreadgroup(
                         group, consumer, {stream: ">"}, count=count, block=block_ms
@@ -179,7 +179,7 @@ class RolloutQueue:
         out: list[tuple[str, M]] = []
         cursor = "0-0"
         while len(out) < count:
-            with _unavailable("XAUTOCLAIM"):
+            with redis_unavailable("XAUTOCLAIM"):
                 try:
                     reply = await self._client.xautoclaim(
                         stream, group, consumer, min_idle_time=min_idle_ms, start_id=cursor, count=count - len(out)
@@ -188,7 +188,7 @@ class RolloutQueue:
                     if "NOGROUP" in str(exc):
                         return out
                     raise
-            cursor = _s(reply[0])
+            cursor = as_str(reply[0])
             out.extend(await self._decode(stream, group, [e for e in reply[1] if e is not None], cls))
             if cursor == "0-0":
                 break
@@ -215,13 +215,13 @@ class RolloutQueue:
             pipe.xadd(self.task_stream, {"m": t.SerializeToString(), "task_id": t.task_id})
         if counter is not None:
             pipe.set(counter[0], counter[1])
-        with _unavailable(f"XADD to {self.task_stream!r}"):
+        with redis_unavailable(f"XADD to {self.task_stream!r}"):
             replies = await pipe.execute()
-        return [_s(i) for i in replies[: len(tasks)]]
+        return [as_str(i) for i in replies[: len(tasks)]]
 
     async def counter(self, key: str) -> int:
         """An integer key set by :meth:`submit` (0 when unset)."""
-        with _unavailable("GET"):
+        with redis_unavailable("GET"):
             value = await self._client.get(key)
         return int(value or 0)
 
@@ -251,36 +251,36 @@ class RolloutQueue:
         """Acknowledges groups (their update is in a checkpoint, or they were skipped); returns how many were pending."""
         if not ids:
             return 0
-        with _unavailable("XACK"):
+        with redis_unavailable("XACK"):
             return int(await self._client.xack(self.group_stream, TRAINER_GROUP, *ids))
 
     async def set_policy_version(self, version: str) -> None:
         """Records the version the PolicyService now serves."""
-        with _unavailable("SET"):
+        with redis_unavailable("SET"):
             await self._client.set(self.version_key, version)
 
     async def policy_version(self) -> str:
         """The version last recorded by :meth:`set_policy_version` (``""`` when none)."""
-        with _unavailable("GET"):
+        with redis_unavailable("GET"):
             value = await self._client.get(self.version_key)
-        return _s(value) if value is not None else ""
+        return as_str(value) if value is not None else ""
 
     async def stats(self) -> QueueStats:
         """Backlog and in-flight counts of both streams (XINFO GROUPS; Redis >= 7 for the lag)."""
         found: dict[str, tuple[int, int]] = {}
         for stream, group in ((self.task_stream, WORKERS_GROUP), (self.group_stream, TRAINER_GROUP)):
-            with _unavailable("XINFO GROUPS"):
+            with redis_unavailable("XINFO GROUPS"):
                 try:
                     infos = await self._client.xinfo_groups(stream)
                 except ResponseError:
                     infos = []
-            info = next((i for i in infos if _s(i.get("name", b"")) == group), None)
+            info = next((i for i in infos if as_str(i.get("name", b"")) == group), None)
             if info is None:
                 found[stream] = (0, 0)
                 continue
             lag = info.get("lag")
             if lag is None:  # Redis cannot tell (entries deleted from the middle): count from the stream length
-                with _unavailable("XLEN"):
+                with redis_unavailable("XLEN"):
                     lag = max(0, int(await self._client.xlen(stream)) - int(info.get("entries-read") or 0))
             found[stream] = (int(lag), int(info.get("pending", 0)))
         (tw, tr), (gw, gu) = found[self.task_stream], found[self.group_stream]
@@ -318,11 +318,11 @@ class RolloutQueue:
             this one, thought dead, finished first): nothing is written then, so a task never yields two groups.
         """
         fields = [group.SerializeToString(), group.task.task_id, group.policy_version]
-        with _unavailable("EVALSHA publish"):
+        with redis_unavailable("EVALSHA publish"):
             entry_id = await self._publish(
                 keys=[self.task_stream, self.group_stream], args=[WORKERS_GROUP, task_entry_id, *fields]
             )
         if entry_id is None:
             log.warning("task %s was already finished by another worker; dropped this copy", group.task.task_id)
             return None
-        return _s(entry_id)
+        return as_str(entry_id)

@@ -39,12 +39,13 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 Entry = tuple[str, rollout_pb2.Trajectory]
 
 
-def _s(value: Any) -> str:
+def as_str(value: Any) -> str:
+    """A Redis reply field (``bytes`` from redis-py without ``decode_responses``) as ``str``."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
 @contextlib.contextmanager
-def _unavailable(command: str) -> Iterator[None]:
+def redis_unavailable(command: str) -> Iterator[None]:
     """Turns a Redis or socket error of ``command`` into :class:`~searchrl.errors.Unavailable`."""
     try:
         yield
@@ -135,11 +136,11 @@ class RolloutStore:
         Raises:
             Unavailable: Redis is down.
         """
-        with _unavailable(f"XADD to {self.stream!r}"):
+        with redis_unavailable(f"XADD to {self.stream!r}"):
             entry_id = await self._client.xadd(
                 self.stream, self._fields(trajectory), maxlen=self.maxlen, approximate=self._approx
             )
-        return _s(entry_id)
+        return as_str(entry_id)
 
     async def add_many(self, trajectories: Iterable[rollout_pb2.Trajectory]) -> list[str]:
         """Appends several trajectories in one pipelined round trip.
@@ -157,9 +158,9 @@ class RolloutStore:
             n += 1
         if not n:
             return []
-        with _unavailable(f"XADD to {self.stream!r}"):
+        with redis_unavailable(f"XADD to {self.stream!r}"):
             ids = await pipe.execute()
-        return [_s(i) for i in ids]
+        return [as_str(i) for i in ids]
 
     async def ensure_group(self, start_id: str = "0") -> bool:
         """Creates the consumer group (and the stream) unless it exists.
@@ -173,7 +174,7 @@ class RolloutStore:
         Raises:
             Unavailable: Redis is down.
         """
-        with _unavailable("XGROUP CREATE"):
+        with redis_unavailable("XGROUP CREATE"):
             try:
                 await self._client.xgroup_create(self.stream, self.group, id=start_id, mkstream=True)
             except ResponseError as exc:
@@ -186,7 +187,7 @@ class RolloutStore:
         out: list[Entry] = []
         bad: list[str] = []
         for raw_id, fields in entries:
-            entry_id = _s(raw_id)
+            entry_id = as_str(raw_id)
             if fields is None:  # deleted while pending (Redis < 7 reports these as nil)
                 bad.append(entry_id)
                 continue
@@ -208,10 +209,10 @@ class RolloutStore:
                     dead = dict(fields)
                     dead[b"source_id"] = entry_id.encode()
                     dead[b"error"] = str(exc).encode()
-                    with _unavailable(f"XADD to {self.dead_letter_stream!r}"):
+                    with redis_unavailable(f"XADD to {self.dead_letter_stream!r}"):
                         await self._client.xadd(self.dead_letter_stream, dead)
         if ack_bad and bad:
-            with _unavailable("XACK"):
+            with redis_unavailable("XACK"):
                 await self._client.xack(self.stream, self.group, *bad)
         return out
 
@@ -232,7 +233,7 @@ class RolloutStore:
             Unavailable: Redis is down.
         """
         for attempt in (0, 1):
-            with _unavailable("XREADGROUP"):
+            with redis_unavailable("XREADGROUP"):
                 try:
                     reply: Any = await self._client.xreadgroup(
                         self.group, consumer, {self.stream: ">"}, count=count, block=block_ms
@@ -257,7 +258,7 @@ class RolloutStore:
         """
         if not ids:
             return 0
-        with _unavailable("XACK"):
+        with redis_unavailable("XACK"):
             return int(await self._client.xack(self.stream, self.group, *ids))
 
     async def claim_stale(self, consumer: str, min_idle_ms: int, count: int = 16) -> list[Entry]:
@@ -280,7 +281,7 @@ class RolloutStore:
         out: list[Entry] = []
         cursor = "0-0"
         while len(out) < count:
-            with _unavailable("XAUTOCLAIM"):
+            with redis_unavailable("XAUTOCLAIM"):
                 try:
                     reply = await self._client.xautoclaim(
                         self.stream,
@@ -294,7 +295,7 @@ class RolloutStore:
                     if "NOGROUP" in str(exc):
                         return out
                     raise
-            cursor = _s(reply[0])
+            cursor = as_str(reply[0])
             out.extend(await self._decode_all(reply[1], ack_bad=True))
             if cursor == "0-0":
                 break
@@ -302,7 +303,7 @@ class RolloutStore:
 
     async def pending_count(self) -> int:
         """Entries delivered to the group and not yet acknowledged (0 when the group does not exist)."""
-        with _unavailable("XPENDING"):
+        with redis_unavailable("XPENDING"):
             try:
                 summary = await self._client.xpending(self.stream, self.group)
             except ResponseError as exc:
@@ -313,17 +314,17 @@ class RolloutStore:
 
     async def length(self) -> int:
         """Entries in the stream (XLEN)."""
-        with _unavailable("XLEN"):
+        with redis_unavailable("XLEN"):
             return int(await self._client.xlen(self.stream))
 
     async def groups(self) -> list[dict[str, Any]]:
         """Consumer groups of the stream with their consumers, pending counts and last delivered ids (XINFO GROUPS)."""
-        with _unavailable("XINFO GROUPS"):
+        with redis_unavailable("XINFO GROUPS"):
             try:
                 infos = await self._client.xinfo_groups(self.stream)
             except ResponseError:  # no such stream
                 return []
-        return [{_s(k): (_s(v) if isinstance(v, bytes) else v) for k, v in g.items()} for g in infos]
+        return [{as_str(k): (as_str(v) if isinstance(v, bytes) else v) for k, v in g.items()} for g in infos]
 
     async def iter_all(self, start: str = "-", end: str = "+", batch: int = 500) -> AsyncIterator[Entry]:
         """Every entry from ``start`` to ``end`` in order (XRANGE, paged), without touching any consumer group.
@@ -340,7 +341,7 @@ class RolloutStore:
         """
         lo = start
         while True:
-            with _unavailable("XRANGE"):
+            with redis_unavailable("XRANGE"):
                 page = await self._client.xrange(self.stream, min=lo, max=end, count=batch)
             if not page:
                 return
@@ -348,14 +349,14 @@ class RolloutStore:
                 yield item
             if len(page) < batch:
                 return
-            lo = "(" + _s(page[-1][0])
+            lo = "(" + as_str(page[-1][0])
 
     def __aiter__(self) -> AsyncIterator[Entry]:
         return self.iter_all()
 
     async def last(self, n: int) -> list[Entry]:
         """The newest ``n`` entries, oldest first (XREVRANGE)."""
-        with _unavailable("XREVRANGE"):
+        with redis_unavailable("XREVRANGE"):
             page: Any = await self._client.xrevrange(self.stream, count=n)
         return await self._decode_all(list(reversed(page)), ack_bad=False)
 
@@ -370,13 +371,13 @@ class RolloutStore:
         last_id = after_id
         if last_id == "$":  # pin "$" to a concrete id so nothing added between two XREADs is missed
             newest: Any = await self._client.xrevrange(self.stream, count=1)
-            last_id = _s(newest[0][0]) if newest else "0-0"
+            last_id = as_str(newest[0][0]) if newest else "0-0"
         while True:
-            with _unavailable("XREAD"):
+            with redis_unavailable("XREAD"):
                 reply: Any = await self._client.xread({self.stream: last_id}, count=count, block=block_ms)
             if not reply:
                 continue
             entries = reply[0][1]
-            last_id = _s(entries[-1][0])
+            last_id = as_str(entries[-1][0])
             for item in await self._decode_all(entries, ack_bad=False):
                 yield item

@@ -92,6 +92,7 @@ class GroupFeed:
         self._redelivered: list[tuple[str, rollout_pb2.RolloutGroup]] = []
         self.stale_total = 0
         self.lineage: list[str] = []  # names of the newest max_staleness + 1 weight versions, oldest first
+        self._in_checkpoint: set[str] = set()  # groups the restored checkpoint trained (load_state_dict)
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -115,7 +116,7 @@ class GroupFeed:
         """Takes over the groups a previous trainer left pending (see the module docstring) and catches the cursor up
         with the batches already fed."""
         await self.queue.ensure()
-        in_checkpoint = getattr(self, "_in_checkpoint", set())
+        in_checkpoint = self._in_checkpoint
         claimed = await self.queue.claim_groups(self.consumer, min_idle_ms=0)
         done = [i for i, _g in claimed if i in in_checkpoint]
         self._redelivered = [(i, g) for i, g in claimed if i not in in_checkpoint]

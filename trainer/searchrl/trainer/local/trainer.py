@@ -27,6 +27,7 @@ import torch
 
 from searchrl.agent.search import SearchSpec, build_search_backend
 from searchrl.agent.settings import episode_seed
+from searchrl.client.base import ChannelOptions
 from searchrl.data.datasets import Example
 from searchrl.errors import InvalidRequest
 from searchrl.reward.shaping import load_reward_function
@@ -78,7 +79,12 @@ class TrainResult:
 
 async def open_search_backend(search: SearchConfig, seed: int) -> Any:
     """The training search backend ``search`` names (an in-process index is loaded here), with its added latency;
-    call it on the event loop that will use it."""
+    call it on the event loop that will use it. Client TLS and the bearer token come from the environment
+    (:meth:`~searchrl.client.base.ChannelOptions.from_env`, as the chart sets them).
+
+    Raises:
+        InvalidRequest: a TLS or token file named in the environment cannot be read.
+    """
     inprocess = None
     if search.backend == "inprocess":
         from searchrl.retriever.inprocess import open_inprocess_retriever
@@ -92,10 +98,17 @@ async def open_search_backend(search: SearchConfig, seed: int) -> Any:
         training=True,
         seed=seed,
         timeout_s=search.timeout_s,
+        options=ChannelOptions.from_env(),
         inprocess=inprocess,
         added_latency_s=search.added_latency_s,
     )
     return build_search_backend(spec)
+
+
+def policy_channel_options() -> ChannelOptions:
+    """Options of the trainer's and the rollout workers' PolicyService client: TLS and token from the environment
+    (:meth:`~searchrl.client.base.ChannelOptions.from_env`), a 600 s deadline (episodes are long on CPU)."""
+    return ChannelOptions.from_env(timeout_s=600.0)
 
 
 class LocalTrainer:
@@ -265,7 +278,7 @@ class LocalTrainer:
             from searchrl.client.policy import PolicyClient
             from searchrl.services.policy.engines.remote import RemotePolicyBackend
 
-            self._policy_client = PolicyClient(cfg.rollout.policy_target)
+            self._policy_client = PolicyClient(cfg.rollout.policy_target, policy_channel_options())
             self._generator = RemotePolicyBackend(self._policy_client, self.tokenizer)
             if self.step > 0 and self.last_checkpoint is not None and cfg.rollout.mode == "sync":
                 await self._policy_client.load_weights(

@@ -9,9 +9,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import grpc
+
 from searchrl.agent.loop import GenerationOutput
 from searchrl.agent.settings import SamplingParams
 from searchrl.client.policy import PolicyClient
+from searchrl.errors import error_for_status
 
 
 class RemotePolicyBackend:
@@ -33,11 +36,15 @@ class RemotePolicyBackend:
 
         Raises:
             InvalidRequest: the server rejected the request (INVALID_ARGUMENT).
-            Unavailable: the server is down.
+            Unavailable: the server is down (after the client's retries).
+            SearchRLError: any other status (:func:`searchrl.errors.error_for_status`).
         """
-        resp = await self.client.generate(
-            token_ids=list(prompt_ids), **sampling.model_dump(), stop=list(stop), seed=seed, n=1
-        )
+        try:
+            resp = await self.client.generate(
+                token_ids=list(prompt_ids), **sampling.model_dump(), stop=list(stop), seed=seed, n=1
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise error_for_status(exc.code().name, f"PolicyService {self.client.target}: {exc.details()}") from exc
         c = resp.completions[0]
         return GenerationOutput(
             token_ids=list(c.token_ids),
