@@ -85,7 +85,9 @@ def run_mode(mode: str, latency: float, args: argparse.Namespace, redis_url: str
     # they run at once: the PolicyService, the trainer and each worker get --async-threads threads, as two-thread
     # OpenMP teams of two processes on two cores slowed both 4-7x (first runs of this benchmark).
     threads = ["--torch-threads", str(args.async_threads)] if mode == "async" else []
-    with ServiceProcess("policy", ["--max-batch-size", "16", *threads], timeout_s=300) as policy:
+    with ServiceProcess(
+        "policy", ["--max-batch-size", "16", "--weights-roots", str(tmp), *threads], timeout_s=300
+    ) as policy:
         cfg = load_config(
             DEMO_CONFIG,
             [

@@ -557,7 +557,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from searchrl.stack import StackConfig, start_stack
 
         sup, endpoints = start_stack(
-            StackConfig(state_dir=str(a.out / "stack"), index_dir=str(index_dir)), progress=stages.say
+            StackConfig(state_dir=str(a.out / "stack"), index_dir=str(index_dir), weights_roots=(str(a.out),)),
+            progress=stages.say,
         )
         from transformers import AutoTokenizer
 

@@ -11,6 +11,7 @@ exception              gRPC status
 ``DeadlineExceeded``   ``DEADLINE_EXCEEDED``
 ``ResourceExhausted``  ``RESOURCE_EXHAUSTED``
 ``FailedPrecondition`` ``FAILED_PRECONDITION``
+``PermissionDenied``   ``PERMISSION_DENIED``
 =====================  ======================
 """
 
@@ -53,11 +54,17 @@ class FailedPrecondition(SearchRLError):
     grpc_code_name = "FAILED_PRECONDITION"
 
 
+class PermissionDenied(SearchRLError):
+    """The caller may not do this here (e.g. load weights from outside the server's checkpoint roots)."""
+
+    grpc_code_name = "PERMISSION_DENIED"
+
+
 def error_for_status(code_name: str, message: str) -> SearchRLError:
     """The searchrl error a gRPC status maps to (the inverse of the table above), for clients that turn a peer's
     status back into an exception: ``error_for_status("UNAVAILABLE", "...")`` is an :class:`Unavailable`. Any other
     status is a plain :class:`SearchRLError` whose message names it."""
-    for cls in (InvalidRequest, Unavailable, DeadlineExceeded, ResourceExhausted, FailedPrecondition):
+    for cls in (InvalidRequest, Unavailable, DeadlineExceeded, ResourceExhausted, FailedPrecondition, PermissionDenied):
         if cls.grpc_code_name == code_name:
             return cls(message)
     return SearchRLError(f"{code_name}: {message}")

@@ -70,6 +70,8 @@ class StackConfig:
         rollout_workers: ``searchrl rollout-worker`` processes to start (for a trainer in ``rollout.mode=async``).
         worker_config: the training YAML the workers read (``rollout``, ``reward``); the stack points it at its own
             PolicyService, search services and Redis.
+        weights_roots: directories the PolicyService's ``LoadWeights`` may load checkpoints from (the trainers'
+            output folders); empty: the working directory.
     """
 
     state_dir: str = ".searchrl/stack"
@@ -84,6 +86,7 @@ class StackConfig:
     extra_args: dict[str, list[str]] = field(default_factory=dict)
     rollout_workers: int = 0
     worker_config: str = ""
+    weights_roots: tuple[str, ...] = ()
 
 
 class Supervisor:
@@ -256,7 +259,8 @@ def start_stack(cfg: StackConfig, progress: object = None) -> tuple[Supervisor, 
             elif name == "simulator":
                 args += ["--engine", "transformers", "--model", cfg.simulator_model, *redis_args]
             elif name == "policy":
-                args += ["--model", cfg.policy_model, *redis_args]
+                roots = [str(Path(r).resolve()) for r in cfg.weights_roots] or [str(Path.cwd())]
+                args += ["--model", cfg.policy_model, "--weights-roots", ",".join(roots), *redis_args]
                 if "retriever" in endpoints:
                     args += ["--retriever-target", endpoints["retriever"]]
                 if "simulator" in endpoints:
@@ -354,6 +358,12 @@ def up_main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--rollout-workers", type=int, default=0, help="start N rollout workers (rollout.mode=async)")
     p.add_argument("--worker-config", default="", help="training YAML the rollout workers read")
+    p.add_argument(
+        "--weights-root",
+        action="append",
+        default=[],
+        help="a folder the policy's LoadWeights may load from (repeatable; default: the working directory)",
+    )
     a = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     services = tuple(s for s in a.services.split(",") if s)
@@ -376,6 +386,7 @@ def up_main(argv: Sequence[str] | None = None) -> int:
         fixed_ports=a.fixed_ports,
         rollout_workers=a.rollout_workers,
         worker_config=a.worker_config,
+        weights_roots=tuple(a.weights_root),
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import inspect
 import logging
 import signal
 import sys
@@ -89,8 +90,48 @@ def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, "internal error; see the server log"
 
 
+@dataclass(frozen=True)
+class _Undecodable:
+    """Stands in for a request message whose bytes did not parse; the handler wrapper answers INVALID_ARGUMENT."""
+
+    error: str
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """``deserializer`` that returns :class:`_Undecodable` instead of raising: grpc answers a raising deserializer
+    with a bare UNKNOWN/INTERNAL, while a caller that sent bad bytes should read INVALID_ARGUMENT and why."""
+    if deserializer is None:
+        return None
+    owner = getattr(deserializer, "__self__", None)  # Message.FromString is bound to its class
+    name = getattr(getattr(owner, "DESCRIPTOR", None), "name", "") or "request message"
+
+    def parse(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError, RuntimeWarning-derived and others
+            return _Undecodable(f"request is not a valid {name}: {str(exc)[:300]}")
+
+    return parse
+
+
+async def _responses(result: Any) -> AsyncIterator[Any]:
+    """The messages of a server-streaming handler's result: an async generator's items, or none for a coroutine
+    handler that writes with ``context.write`` (grpc's health ``Watch``)."""
+    if inspect.isasyncgen(result):
+        async for item in result:
+            yield item
+    else:
+        await result
+
+
+async def _refuse_undecodable(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    if isinstance(request, _Undecodable):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.error)
+
+
 class _ObservedHandlers(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # grpc-stubs: generic
-    """Auth, metrics, concurrency limit and error mapping around every RPC handler."""
+    """Auth, metrics, concurrency limit and error mapping around every RPC handler; one server-wide rule for request
+    bytes that do not parse as the method's message: INVALID_ARGUMENT (health and reflection included)."""
 
     def __init__(self, service_label: str, token: str, max_concurrent: int) -> None:
         self._label = service_label
@@ -107,8 +148,9 @@ class _ObservedHandlers(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  
         if handler is None:
             return handler
         method = details.method or ""
-        if method.startswith(UNAUTHENTICATED_PREFIXES):
-            return handler
+        parse = _tolerant(handler.request_deserializer)
+        if method.startswith(UNAUTHENTICATED_PREFIXES):  # health and reflection: no auth, no metrics
+            return self._unobserved(handler, parse)
         rejected = self._check_auth(details)
         short = method.rsplit("/", 1)[-1]
         if handler.unary_unary is not None:
@@ -116,20 +158,42 @@ class _ObservedHandlers(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  
 
             async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 async with self._observe(short, context, rejected):
+                    await _refuse_undecodable(request, context)
                     return await inner(request, context)  # type: ignore[arg-type]  # grpc-stubs types the sync API
 
-            return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
+            return grpc.unary_unary_rpc_method_handler(unary, parse, handler.response_serializer)
         if handler.unary_stream is not None:
             inner_stream = handler.unary_stream
 
             async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
                 async with self._observe(short, context, rejected):
-                    async for item in inner_stream(request, context):  # type: ignore[arg-type,attr-defined]
+                    await _refuse_undecodable(request, context)
+                    async for item in _responses(inner_stream(request, context)):  # type: ignore[arg-type]
                         yield item
 
-            return grpc.unary_stream_rpc_method_handler(
-                stream, handler.request_deserializer, handler.response_serializer
-            )
+            return grpc.unary_stream_rpc_method_handler(stream, parse, handler.response_serializer)
+        return handler
+
+    @staticmethod
+    def _unobserved(handler: grpc.RpcMethodHandler[Any, Any], parse: Any) -> grpc.RpcMethodHandler[Any, Any]:
+        """``handler`` with only the undecodable-request rule (streaming-request methods unchanged)."""
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                await _refuse_undecodable(request, context)
+                return await inner(request, context)  # type: ignore[arg-type]
+
+            return grpc.unary_unary_rpc_method_handler(unary, parse, handler.response_serializer)
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+                await _refuse_undecodable(request, context)
+                async for item in _responses(inner_stream(request, context)):  # type: ignore[arg-type]
+                    yield item
+
+            return grpc.unary_stream_rpc_method_handler(stream, parse, handler.response_serializer)
         return handler
 
     def _check_auth(self, details: grpc.HandlerCallDetails) -> str | None:

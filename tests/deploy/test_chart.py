@@ -498,6 +498,16 @@ def test_policy_can_mount_the_checkpoints_read_only(render, helm_notes):
     assert mounts["checkpoints"] == {"name": "checkpoints", "mountPath": "/checkpoints", "readOnly": True}
     assert "python -m verl.model_merger merge --backend fsdp" in helm_notes("gpu-values.yaml")
     assert "checkpoints" not in {v["name"] for v in pod(one(render(), "Deployment", "searchrl-policy"))["volumes"]}
+    # #17: LoadWeights loads from the mounted claim only, and from nowhere without it (PolicyConfig.weights_roots)
+    from searchrl.services.policy.server import PolicyConfig
+    from searchrl.serving.config import from_sources
+
+    def roots(objs: list[dict[str, Any]]) -> str:
+        args = pod(one(objs, "Deployment", "searchrl-policy"))["containers"][0]["args"]
+        return from_sources(PolicyConfig, args, {}).weights_roots
+
+    assert roots(render("gpu-values.yaml")) == mounts["checkpoints"]["mountPath"]
+    assert roots(render()) == ""
     with pytest.raises(subprocess.CalledProcessError) as err:
         render(policy={"checkpoints": {"enabled": True}})  # the default claim is ReadWriteOnce
     assert "ReadWriteMany" in err.value.stderr

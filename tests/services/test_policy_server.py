@@ -6,6 +6,7 @@ import asyncio
 import signal
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -183,7 +184,8 @@ async def test_rollout_with_dead_retriever_counts_errors(engine: TransformersEng
     assert "searchrl_policy_generated_tokens_total" in metrics
 
 
-async def test_load_weights_does_not_drop_requests(server: GrpcServer, policy_path: str) -> None:
+async def test_load_weights_does_not_drop_requests(engine: TransformersEngine, policy_path: str) -> None:
+    server = await serve(engine, max_new_tokens=64, weights_roots=str(Path(policy_path).parent))
     async with PolicyClient(f"127.0.0.1:{server.port}") as pc:
         before = (await pc.model_info()).policy_version
         in_flight = [
@@ -198,8 +200,44 @@ async def test_load_weights_does_not_drop_requests(server: GrpcServer, policy_pa
         after = await pc.generate(text="Hello", max_new_tokens=2)
         assert after.policy_version == "step-2" and (await pc.model_info()).policy_version == "step-2"
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await pc.load_weights("/nonexistent/checkpoint")
+            await pc.load_weights(str(Path(policy_path).parent / "nonexistent"))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    await server.stop(0)
+
+
+async def test_load_weights_only_from_the_checkpoint_roots(
+    engine: TransformersEngine, policy_path: str, tmp_path: Path
+) -> None:
+    """#17: outside --weights-roots (``..``, a symlink out, any absolute path) is PERMISSION_DENIED whether or not it
+    exists; inside, a directory that is not a checkpoint is INVALID_ARGUMENT; the weights never change."""
+    root = tmp_path / "checkpoints"
+    (root / "notes").mkdir(parents=True)
+    (root / "escape").symlink_to(Path(policy_path))  # a real checkpoint, but outside the root
+    server = await serve(engine, weights_roots=str(root))
+    try:
+        async with PolicyClient(f"127.0.0.1:{server.port}") as pc:
+            before = (await pc.model_info()).policy_version
+            for path in ("/etc", str(root / "../../.."), "/nonexistent/checkpoint", policy_path, str(root / "escape")):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await pc.load_weights(path, "evil")
+                assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, (path, err.value.details())
+            for path in (str(root / "notes"), str(root), str(root / "missing")):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await pc.load_weights(path, "evil")
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (path, err.value.details())
+                assert "not a checkpoint directory" in (err.value.details() or "")
+            assert (await pc.model_info()).policy_version == before
+    finally:
+        await server.stop(0)
+    none = await serve(engine, weights_roots="")
+    try:
+        async with PolicyClient(f"127.0.0.1:{none.port}") as pc:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await pc.load_weights(policy_path, "x")
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "none configured" in (err.value.details() or "")
+    finally:
+        await none.stop(0)
 
 
 @pytest.mark.slow  # a real retriever over a freshly built index, or a child policy process

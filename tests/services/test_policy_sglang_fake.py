@@ -252,7 +252,10 @@ async def test_policy_server_on_sglang_hot_swaps_and_drains_on_sigterm(policy_pa
         "PYTHONPATH": os.pathsep.join([str(FAKE_ROOT), os.environ.get("PYTHONPATH", "")]),
         "FAKE_SGLANG_STEP_DELAY_S": "0.1",
     }
-    proc = ServiceProcess("policy", ["--engine", "sglang", "--grace-s", "30"], env=env, timeout_s=300)
+    roots = str(Path(checkpoint_b).parent)
+    proc = ServiceProcess(
+        "policy", ["--engine", "sglang", "--grace-s", "30", "--weights-roots", roots], env=env, timeout_s=300
+    )
     try:
         async with PolicyClient(proc.target) as pc:
             info = await pc.model_info()

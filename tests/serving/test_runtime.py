@@ -229,3 +229,42 @@ def test_sigterm_drains_after_a_library_replaced_the_handler() -> None:
             proc.kill()
             proc.wait(10)
         log_path.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------- undecodable requests
+async def test_undecodable_request_bytes_are_invalid_argument_in_every_method() -> None:
+    """#17: bytes that do not parse as the method's message get INVALID_ARGUMENT from the runtime, for a service's
+    methods (counted in the metrics, after the auth check) and for the health service, and the server stays up."""
+    from grpc_health.v1 import health_pb2
+
+    from searchrl.services.reward.server import RewardConfig, specs
+
+    cfg = RewardConfig(grpc_port=0, metrics_port=-1, auth_token="s3cret")
+    server = GrpcServer(cfg, specs(cfg), "reward-undecodable")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    bad = b"\x0a\xff\xff\xff\xff\x0f"  # field 1, length-delimited, a length far past the end
+    auth = (("authorization", "Bearer s3cret"),)
+    try:
+        score = channel.unary_unary("/searchrl.reward.v1.RewardService/Score")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await score(bad, timeout=10, metadata=auth)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+        assert (err.value.details() or "").startswith("request is not a valid ScoreRequest: ")
+        with pytest.raises(grpc.aio.AioRpcError) as err:  # auth first: no token, no parse error to read
+            await score(bad, timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        check = channel.unary_unary("/grpc.health.v1.Health/Check")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await check(bad, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        ok = health_pb2.HealthCheckResponse.FromString(await check(b"", timeout=10))
+        assert ok.status == health_pb2.HealthCheckResponse.SERVING
+        text = generate_latest().decode()
+        assert (
+            'searchrl_grpc_requests_total{code="INVALID_ARGUMENT",method="Score",service="reward-undecodable"} 1.0'
+            in text
+        )
+    finally:
+        await channel.close()
+        await server.stop(0)

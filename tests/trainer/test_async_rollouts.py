@@ -53,10 +53,12 @@ OVERRIDES = [
 
 
 @pytest.fixture(scope="module")
-def policy(policy_path: str) -> Iterator[Any]:
+def policy(policy_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     from searchrl.testing import ServiceProcess
 
-    with ServiceProcess("policy", ["--model", policy_path, "--max-batch-size", "4"], timeout_s=300) as svc:
+    roots = str(tmp_path_factory.getbasetemp())  # every test's run folder (trainer.output_dir) is below it
+    args = ["--model", policy_path, "--max-batch-size", "4", "--weights-roots", roots]
+    with ServiceProcess("policy", args, timeout_s=300) as svc:
         yield svc
 
 

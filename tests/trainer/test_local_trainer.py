@@ -277,7 +277,9 @@ def test_remote_policy_rollout_store_and_stopping_guard(tmp_path: Path, policy_p
     from searchrl.trainer.local.trainer import train
 
     stream = f"searchrl:test:{tmp_path.name}"
-    with ServiceProcess("policy", ["--model", policy_path, "--max-batch-size", "2"]) as svc:
+    with ServiceProcess(
+        "policy", ["--model", policy_path, "--max-batch-size", "2", "--weights-roots", str(tmp_path)]
+    ) as svc:
         cfg = load_config(
             None,
             [*BASE_OVERRIDES, "rollout.search.backend=none", "rollout.engine=remote", f"rollout.policy_target={svc.target}",

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter
@@ -29,7 +30,7 @@ from searchrl.agent.settings import AgentSettings, SamplingParams
 from searchrl.client.base import BaseClient, ChannelOptions
 from searchrl.client.retrieval import RetrievalClient
 from searchrl.client.simulation import SimulatorClient
-from searchrl.errors import InvalidRequest
+from searchrl.errors import InvalidRequest, PermissionDenied
 from searchrl.policy.v1 import policy_pb2, policy_pb2_grpc
 from searchrl.serving.config import ServerConfig, field
 from searchrl.serving.runtime import ServiceSpec, run_service
@@ -100,6 +101,12 @@ class PolicyConfig(ServerConfig):
     top_k: int = field(AGENT.top_k, help="Default documents per search.")
     max_doc_chars: int = field(AGENT.max_doc_chars, help="Cut every document to this many characters; 0: no limit.")
     reward_scheme: str = field("research", help="Reward scheme of Rollout trajectories (see searchrl.reward.scoring).")
+    weights_roots: str = field(
+        ".",
+        help="Comma-separated directories LoadWeights may load checkpoints from (resolved at start; '.': the working "
+        "directory). A requested path is resolved, symlinks and '..' included, and must lie inside one; empty: "
+        "LoadWeights is refused.",
+    )
 
 
 def build_engine(config: PolicyConfig) -> PolicyEngine:
@@ -153,6 +160,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         self.searches = searches
         self.store = store
         self.default_search = self._default_search_name()
+        self.weights_roots = [Path(r.strip()).resolve() for r in config.weights_roots.split(",") if r.strip()]
 
     def _default_search_name(self) -> str:
         name = self.config.search_backend
@@ -344,16 +352,41 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             max_context_tokens=e.max_context_tokens,
         )
 
+    def checkpoint_path(self, path: str) -> Path:
+        """``path`` resolved (symlinks, ``..``), checked against ``--weights-roots`` and for a checkpoint.
+
+        Raises:
+            PermissionDenied: the path lies outside every checkpoint root (whether or not it exists: the answer tells
+                nothing about the filesystem outside the roots).
+            InvalidRequest: empty path, or not a Hugging Face checkpoint directory (no ``config.json``).
+        """
+        if not path:
+            raise InvalidRequest("path is empty")
+        resolved = Path(path).resolve()
+        if not any(resolved.is_relative_to(root) for root in self.weights_roots):
+            roots = ", ".join(str(r) for r in self.weights_roots) or "none configured"
+            raise PermissionDenied(
+                f"{path!r} is outside the checkpoint roots this server loads from ({roots}; --weights-roots)"
+            )
+        if not (resolved / "config.json").is_file():
+            raise InvalidRequest(f"{path!r} is not a checkpoint directory: no config.json in {resolved}")
+        return resolved
+
     async def LoadWeights(self, request: policy_pb2.LoadWeightsRequest, context: Any) -> policy_pb2.LoadWeightsResponse:  # noqa: N802
         """Hot-swaps the weights; returns once the new version serves.
 
         Raises:
-            InvalidRequest: empty or unloadable path.
+            PermissionDenied: the path is outside ``--weights-roots``.
+            InvalidRequest: empty path, not a checkpoint directory, or a checkpoint the engine cannot load.
         """
-        if not request.path:
-            raise InvalidRequest("path is empty")
+        path = self.checkpoint_path(request.path)
         t0 = time.perf_counter()
-        version = await self.engine.load_weights(request.path, request.policy_version)
+        try:
+            version = await self.engine.load_weights(str(path), request.policy_version)
+        except (OSError, ValueError) as exc:  # a broken or foreign checkpoint: the caller's input, not our fault
+            if isinstance(exc, InvalidRequest):
+                raise
+            raise InvalidRequest(f"cannot load {request.path!r}: {type(exc).__name__}: {exc}"[:500]) from exc
         return policy_pb2.LoadWeightsResponse(policy_version=version, load_ms=(time.perf_counter() - t0) * 1000)
 
 

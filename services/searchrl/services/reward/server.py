@@ -20,14 +20,13 @@ from itertools import accumulate
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
 from prometheus_client import REGISTRY, CollectorRegistry, Counter
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
 from searchrl.errors import InvalidRequest
 from searchrl.reward import scoring
-from searchrl.reward.v1 import reward_pb2
+from searchrl.reward.v1 import reward_pb2, reward_pb2_grpc
 from searchrl.serving.config import field
 from searchrl.serving.runtime import ServerConfig, ServiceSpec, run_service
 
@@ -138,24 +137,6 @@ class RewardConfig(ServerConfig):
     )
 
 
-class _Undecodable:
-    """Stands in for a request the protobuf parser rejected, so the servicer can answer INVALID_ARGUMENT."""
-
-    __slots__ = ("message",)
-
-    def __init__(self, message: str) -> None:
-        self.message = message
-
-
-def deserialize_request(data: bytes) -> reward_pb2.ScoreRequest | _Undecodable:
-    """Parses a ScoreRequest; a malformed one (e.g. invalid UTF-8 in a string) becomes an :class:`_Undecodable`
-    whose message is protobuf's parse error (``request is not a valid ScoreRequest: Error parsing message ...``)."""
-    try:
-        return reward_pb2.ScoreRequest.FromString(data)
-    except DecodeError as exc:
-        return _Undecodable(f"request is not a valid ScoreRequest: {exc}")
-
-
 class RewardServicer:
     """Implements ``RewardService/Score``.
 
@@ -168,8 +149,6 @@ class RewardServicer:
 
     def _check_header(self, request: Any) -> str:
         """Batch-level checks (cheap, on the event loop); returns the scheme name."""
-        if isinstance(request, _Undecodable):
-            raise InvalidRequest(request.message)
         n = len(request.items)
         if n == 0:
             raise InvalidRequest("empty batch: send at least one item")
@@ -214,7 +193,9 @@ class RewardServicer:
             REWARD_SCORED.labels(scheme, "false").inc(len(results) - n_ok)
         return out
 
-    async def Score(self, request: Any, context: grpc.aio.ServicerContext) -> reward_pb2.ScoreResponse:  # noqa: N802
+    async def Score(  # noqa: N802
+        self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext
+    ) -> reward_pb2.ScoreResponse:
         """Scores a batch; see the module docstring for the validation rules.
 
         Raises:
@@ -227,26 +208,12 @@ class RewardServicer:
         return self._score(request, scheme)
 
 
-def add_reward_servicer(servicer: RewardServicer, server: Any) -> None:
-    """Registers ``servicer`` like the generated ``add_RewardServiceServicer_to_server``, but with a request parser
-    that turns undecodable input into INVALID_ARGUMENT instead of a bare INTERNAL "failed to deserialize" error."""
-    handlers = {
-        "Score": grpc.unary_unary_rpc_method_handler(
-            servicer.Score,
-            request_deserializer=deserialize_request,
-            response_serializer=reward_pb2.ScoreResponse.SerializeToString,
-        )
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)
-
-
 def specs(config: RewardConfig) -> list[ServiceSpec]:
     """The RewardService spec for a :class:`~searchrl.serving.runtime.GrpcServer`."""
     if config.max_batch_size < 1 or config.max_response_chars < 1:
         raise ValueError("--max-batch-size and --max-response-chars must be positive")
     scoring.search_r1_format_error("", config.search_r1_info_tag)  # validates the tag name at start-up
-    return [ServiceSpec(SERVICE_NAME, RewardServicer(config), add_reward_servicer)]
+    return [ServiceSpec(SERVICE_NAME, RewardServicer(config), reward_pb2_grpc.add_RewardServiceServicer_to_server)]
 
 
 async def build(config: RewardConfig) -> tuple[list[ServiceSpec], None]:
