@@ -44,7 +44,9 @@ class RemotePolicyBackend:
                 token_ids=list(prompt_ids), **sampling.model_dump(), stop=list(stop), seed=seed, n=1
             )
         except grpc.aio.AioRpcError as exc:
-            raise error_for_status(exc.code().name, f"PolicyService {self.client.target}: {exc.details()}") from exc
+            raise error_for_status(
+                exc.code().name, f"PolicyService {self.client.target} {exc.code().name}: {exc.details()}"
+            ) from exc
         c = resp.completions[0]
         return GenerationOutput(
             token_ids=list(c.token_ids),
