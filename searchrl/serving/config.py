@@ -22,7 +22,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, NonNegativeInt, ValidationError, field_validator
 from pydantic_core import PydanticUndefined
 from pydantic_settings import BaseSettings, CliSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -58,8 +58,10 @@ class ServerConfig(BaseSettings):
     grpc_port: int = field(50051, help="gRPC port; 0 picks a free port.")
     metrics_port: int = field(9090, help="Prometheus /metrics HTTP port; 0 picks a free port, -1 disables.")
     max_message_mb: int = field(64, help="Max gRPC message size, in MiB, both directions.")
-    max_concurrent_rpcs: int = field(
-        0, help="Max RPCs served at once; further calls get RESOURCE_EXHAUSTED. 0: unbounded."
+    max_concurrent_rpcs: NonNegativeInt = field(
+        1024,
+        help="Admission bound: max RPCs in the service at once (being computed or queued for a batch); a call past it"
+        " gets RESOURCE_EXHAUSTED at once instead of waiting and growing memory. 0: unbounded.",
     )
     grace_s: float = field(10.0, help="Seconds in-flight calls get to finish on shutdown.")
     tls_cert_file: str = field("", help="PEM server certificate; enables TLS with tls_key_file.")

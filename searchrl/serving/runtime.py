@@ -60,6 +60,11 @@ GRPC_LATENCY = Histogram(
     buckets=LATENCY_BUCKETS_S,
 )
 GRPC_IN_FLIGHT = Gauge("searchrl_grpc_in_flight_requests", "gRPC requests being served now.", ["service"])
+GRPC_MAX_IN_FLIGHT = Gauge(
+    "searchrl_grpc_max_in_flight_requests",
+    "Admission bound (--max-concurrent-rpcs): past it a call is RESOURCE_EXHAUSTED at once; 0: unbounded.",
+    ["service"],
+)
 SERVICE_UP = Gauge("searchrl_service_serving", "1 while the service reports SERVING on its health check.", ["service"])
 GC_PAUSE = Histogram(
     "searchrl_gc_pause_seconds",
@@ -138,6 +143,7 @@ class _ObservedHandlers(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  
         self._token = token
         self._max = max_concurrent
         self._in_flight = 0
+        GRPC_MAX_IN_FLIGHT.labels(service_label).set(max_concurrent)
 
     async def intercept_service(
         self,
@@ -220,6 +226,12 @@ class _ObservedHandlers(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  
             if self._max and self._in_flight > self._max:
                 code = grpc.StatusCode.RESOURCE_EXHAUSTED
                 await context.abort(code, f"server busy: more than {self._max} concurrent requests; retry with backoff")
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                # The caller has given up already (it waited in grpc's queue or a slow client took its deadline):
+                # computing the answer would only take capacity from calls that can still use theirs.
+                code = grpc.StatusCode.DEADLINE_EXCEEDED
+                await context.abort(code, "the call's deadline passed before it was served; not computed")
             yield
         except grpc.aio.AbortError:
             got = context.code()

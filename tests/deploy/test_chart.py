@@ -669,3 +669,24 @@ def test_rollout_workers_need_the_policy_service(render):
         render(rolloutWorker={"enabled": True, "queuePrefix": "p", "image": {"repository": "searchrl-trainer"},
                               "keda": {"enabled": False}}, policy={"enabled": False})  # fmt: skip
     assert "rolloutWorker.enabled samples through this release's policy service" in err.value.stderr
+
+
+def test_every_service_gets_its_admission_bound(render):
+    """#17: each service's service.maxConcurrentRpcs reaches its server config through the environment the chart sets
+    (the same variable the server reads), and 0 (unbounded) passes through."""
+    from searchrl.services.reward.server import RewardConfig
+    from searchrl.serving.config import from_sources
+
+    objs = render(policy={"service": {"maxConcurrentRpcs": 7}}, reward={"service": {"maxConcurrentRpcs": 0}})
+    bounds = {}
+    for name in ("retriever", "simulator", "policy", "reward"):
+        env = {
+            e["name"]: e.get("value") for e in pod(one(objs, "Deployment", f"searchrl-{name}"))["containers"][0]["env"]
+        }
+        bounds[name] = from_sources(
+            RewardConfig, [], {k: v for k, v in env.items() if v is not None}
+        ).max_concurrent_rpcs
+    assert bounds == {"retriever": 1024, "simulator": 1024, "policy": 7, "reward": 0}
+    with pytest.raises(subprocess.CalledProcessError) as err:
+        render(retriever={"service": {"maxConcurrentRpcs": -1}})
+    assert "maxConcurrentRpcs" in err.value.stderr

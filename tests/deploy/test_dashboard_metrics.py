@@ -38,7 +38,7 @@ SERVER_MODULES = {
 }
 # Series every gRPC service exports (searchrl/serving/runtime.py).
 COMMON = {"searchrl_grpc_requests_total", "searchrl_grpc_request_duration_seconds_bucket", "searchrl_grpc_in_flight_requests",
-          "searchrl_service_serving"}  # fmt: skip
+          "searchrl_grpc_max_in_flight_requests", "searchrl_service_serving"}  # fmt: skip
 # Prefix -> who exports it. The search cache counter comes from the services that search (retriever, simulator).
 OWNERS = {
     "searchrl_train_": "trainer",

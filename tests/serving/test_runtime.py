@@ -268,3 +268,112 @@ async def test_undecodable_request_bytes_are_invalid_argument_in_every_method() 
     finally:
         await channel.close()
         await server.stop(0)
+
+
+# ------------------------------------------------------------------------------- admission control and deadlines
+SLOW_SERVICE = "searchrl.test.Slow"
+
+
+def _slow_spec(started: list[str], release: asyncio.Event) -> ServiceSpec:
+    """``Wait`` records its request and waits for ``release``; ``Block`` holds the event loop for the request's
+    number of milliseconds (a server too busy to pick up new calls)."""
+
+    async def wait(request: bytes, context: Any) -> bytes:
+        started.append(request.decode())
+        try:
+            await release.wait()
+        except asyncio.CancelledError:
+            started.append(f"{request.decode()} cancelled")
+            raise
+        return b"done"
+
+    async def block(request: bytes, context: Any) -> bytes:
+        time.sleep(int(request) / 1000)  # blocks the loop on purpose
+        return b"done"
+
+    def add(servicer: Any, server: Any) -> None:
+        handler = grpc.method_handlers_generic_handler(
+            SLOW_SERVICE,
+            {"Wait": grpc.unary_unary_rpc_method_handler(wait), "Block": grpc.unary_unary_rpc_method_handler(block)},
+        )
+        server.add_generic_rpc_handlers((handler,))
+
+    return ServiceSpec(SLOW_SERVICE, None, add)
+
+
+async def test_admission_bound_rejects_at_once_and_is_exported() -> None:
+    """#17: past --max-concurrent-rpcs a call is RESOURCE_EXHAUSTED at once (not queued), counted by status, and the
+    bound is a metric next to the in-flight gauge (the chart's queue alert divides one by the other)."""
+    started: list[str] = []
+    release = asyncio.Event()
+    cfg = ServerConfig(grpc_port=0, metrics_port=-1, max_concurrent_rpcs=2)
+    server = GrpcServer(cfg, [_slow_spec(started, release)], "admission")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    wait = channel.unary_unary(f"/{SLOW_SERVICE}/Wait")
+    try:
+        held = [asyncio.ensure_future(wait(str(i).encode(), timeout=30)) for i in range(2)]
+        while len(started) < 2:
+            await asyncio.sleep(0.01)
+        t0 = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await wait(b"third", timeout=30)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "more than 2 concurrent requests" in (err.value.details() or "")
+        assert time.monotonic() - t0 < 5, "a rejected call must not wait for capacity"
+        assert "third" not in started
+        text = generate_latest().decode()
+        assert 'searchrl_grpc_max_in_flight_requests{service="admission"} 2.0' in text
+        assert 'searchrl_grpc_in_flight_requests{service="admission"} 2.0' in text
+        assert 'searchrl_grpc_requests_total{code="RESOURCE_EXHAUSTED",method="Wait",service="admission"} 1.0' in text
+        release.set()
+        assert await asyncio.gather(*held) == [b"done", b"done"]
+        assert await wait(b"after", timeout=30) == b"done"  # capacity is back
+    finally:
+        await channel.close()
+        await server.stop(0)
+
+
+async def test_a_call_whose_deadline_passed_is_not_computed() -> None:
+    """#17: the caller's deadline reaches the server. A call that waits in the server (for a batch, for the engine)
+    past its deadline is cancelled there: the handler gets CancelledError, which the batchers of the retriever and
+    the policy engine turn into dropping the row before it is computed (tests/services/test_policy_engine.py,
+    tests/retriever/test_batcher.py). A call that could reach its handler only after its deadline (the server's loop
+    was busy) is DEADLINE_EXCEEDED and its handler never runs."""
+    started: list[str] = []
+    cfg = ServerConfig(grpc_port=0, metrics_port=-1)
+    server = GrpcServer(cfg, [_slow_spec(started, asyncio.Event())], "deadlines")
+    await server.start()
+    # The server's loop is this test's loop: block it from a second process's point of view with a thread client.
+    target = f"127.0.0.1:{server.port}"
+
+    def client() -> tuple[grpc.StatusCode, grpc.StatusCode]:
+        with grpc.insecure_channel(target) as ch:
+            grpc.channel_ready_future(ch).result(timeout=10)
+            busy = ch.unary_unary(f"/{SLOW_SERVICE}/Block").future(b"1500", timeout=30)
+            time.sleep(0.2)  # Block now holds the server's loop
+            try:
+                ch.unary_unary(f"/{SLOW_SERVICE}/Wait")(b"late", timeout=0.5)
+                late = grpc.StatusCode.OK
+            except grpc.RpcError as exc:
+                late = exc.code()  # type: ignore[attr-defined]
+            busy.result()
+            return late, grpc.StatusCode.OK
+
+    try:
+        async with grpc.aio.insecure_channel(target) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await channel.unary_unary(f"/{SLOW_SERVICE}/Wait")(b"queued", timeout=0.5)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        for _ in range(100):
+            if "queued cancelled" in started:
+                break
+            await asyncio.sleep(0.02)
+        assert started == ["queued", "queued cancelled"], "the waiting handler must be cancelled at the deadline"
+        started.clear()
+        late, _ = await asyncio.to_thread(client)
+        assert late == grpc.StatusCode.DEADLINE_EXCEEDED
+        await asyncio.sleep(0.5)  # the loop is free: a handler that was going to run has run by now
+        assert started == [], "the handler ran for a call whose caller had given up"
+    finally:
+        await server.stop(0)
