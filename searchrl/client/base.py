@@ -10,7 +10,24 @@ from typing import Any
 
 import grpc
 
-DEFAULT_RETRY_CODES = ("UNAVAILABLE",)
+# Statuses a retried call may have failed with without the server having computed it: the connection or the
+# server was down (UNAVAILABLE), or admission control turned it away (RESOURCE_EXHAUSTED).
+DEFAULT_RETRY_CODES = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
+
+
+def retryable_methods(service_name: str) -> list[str]:
+    """Methods of ``service_name`` that clients may retry: those the proto marks ``option idempotency_level =
+    NO_SIDE_EFFECTS`` or ``IDEMPOTENT`` (protobuf's ``MethodOptions.idempotency_level``). ``LoadWeights`` changes the
+    server's state and is not marked, so it is never retried. Empty for a service not in the descriptor pool.
+    """
+    from google.protobuf import descriptor_pb2, descriptor_pool
+
+    try:
+        service = descriptor_pool.Default().FindServiceByName(service_name)
+    except KeyError:
+        return []
+    levels = (descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS, descriptor_pb2.MethodOptions.IDEMPOTENT)
+    return [m.name for m in service.methods if m.GetOptions().idempotency_level in levels]
 
 
 def service_config_json(
@@ -21,31 +38,33 @@ def service_config_json(
     max_backoff_s: float = 5.0,
     lb_policy: str = "round_robin",
 ) -> str:
-    """gRPC service config (JSON) that retries UNAVAILABLE with exponential backoff and balances per call.
+    """gRPC service config (JSON): per-call load balancing, and retries of the idempotent methods only.
+
+    A method the proto marks idempotent (:func:`retryable_methods`) is retried on :data:`DEFAULT_RETRY_CODES` by
+    gRPC's own retry machinery (gRFC A6): attempt ``n`` waits a random time in ``[0, min(initial_backoff_s *
+    2**(n-1), max_backoff_s)]`` (full jitter), a streaming call only until its first response arrives, and never past
+    the call's deadline. Other methods get no retry policy (gRPC still replays a call that never left the client).
 
     Args:
-        service_names: fully-qualified service names the retry policy applies to.
+        service_names: fully-qualified service names (e.g. ``searchrl.retrieval.v1.RetrievalService``).
         max_attempts: total attempts including the first (gRPC caps this at 5).
-        initial_backoff_s: first backoff, in seconds; it grows 2x per attempt up to ``max_backoff_s``.
+        initial_backoff_s: first backoff bound, in seconds; it doubles per attempt up to ``max_backoff_s``.
         lb_policy: ``round_robin`` (one sub-channel per resolved address) or ``pick_first``.
     """
-    return json.dumps(
+    names = [{"service": s, "method": m} for s in service_names for m in retryable_methods(s)]
+    method_config = [
         {
-            "loadBalancingConfig": [{lb_policy: {}}],
-            "methodConfig": [
-                {
-                    "name": [{"service": s} for s in service_names],
-                    "retryPolicy": {
-                        "maxAttempts": max(2, min(5, max_attempts)),
-                        "initialBackoff": f"{initial_backoff_s}s",
-                        "maxBackoff": f"{max_backoff_s}s",
-                        "backoffMultiplier": 2,
-                        "retryableStatusCodes": list(DEFAULT_RETRY_CODES),
-                    },
-                }
-            ],
+            "name": names,
+            "retryPolicy": {
+                "maxAttempts": max(2, min(5, max_attempts)),
+                "initialBackoff": f"{initial_backoff_s}s",
+                "maxBackoff": f"{max_backoff_s}s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": list(DEFAULT_RETRY_CODES),
+            },
         }
-    )
+    ]
+    return json.dumps({"loadBalancingConfig": [{lb_policy: {}}], "methodConfig": method_config if names else []})
 
 
 @dataclass
@@ -57,7 +76,7 @@ class ChannelOptions:
         token: bearer token sent as ``authorization: Bearer <token>``; empty for none.
         tls: use TLS; ``root_ca``/``client_cert``/``client_key`` are PEM bytes (``None``: system roots / no mTLS).
         max_message_mb: message-size limit, MiB.
-        max_attempts: attempts for UNAVAILABLE (retry with exponential backoff).
+        max_attempts: attempts of an idempotent call on UNAVAILABLE / RESOURCE_EXHAUSTED (backoff with jitter).
     """
 
     timeout_s: float = 30.0

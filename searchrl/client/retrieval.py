@@ -28,14 +28,14 @@ class SearchResults(list[list[rollout_pb2.Document]]):
 
 
 class RetrievalClient(BaseClient):
-    """Client of the RetrievalService (retries UNAVAILABLE, optional TLS/token; see :class:`BaseClient`).
+    """Client of the RetrievalService (retries its idempotent calls, optional TLS/token; see :class:`BaseClient`).
 
     Args:
         target: ``host:port`` or ``dns:///retriever.ns.svc:50052``.
         options: deadline, token, TLS.
     """
 
-    service_name = "searchrl.retrieval.v1.RetrievalService"
+    service_name = retrieval_pb2.DESCRIPTOR.services_by_name["RetrievalService"].full_name
 
     def __init__(self, target: str, options: ChannelOptions | None = None) -> None:
         super().__init__(target, options)

@@ -83,7 +83,8 @@ class PolicyServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def LoadWeights(self, request, context):
-        """Loads new weights from a checkpoint; in-flight requests finish on the old weights.
+        """Loads new weights from a checkpoint; in-flight requests finish on the old weights. It changes the server's state,
+        so it has no idempotency_level and searchrl clients never retry it (the NO_SIDE_EFFECTS methods they retry).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

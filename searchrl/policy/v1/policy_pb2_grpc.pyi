@@ -40,7 +40,9 @@ class PolicyServiceStub:
     GetModelInfo: _grpc.UnaryUnaryMultiCallable[_policy_pb2.GetModelInfoRequest, _policy_pb2.GetModelInfoResponse]
     """Describes the loaded model."""
     LoadWeights: _grpc.UnaryUnaryMultiCallable[_policy_pb2.LoadWeightsRequest, _policy_pb2.LoadWeightsResponse]
-    """Loads new weights from a checkpoint; in-flight requests finish on the old weights."""
+    """Loads new weights from a checkpoint; in-flight requests finish on the old weights. It changes the server's state,
+    so it has no idempotency_level and searchrl clients never retry it (the NO_SIDE_EFFECTS methods they retry).
+    """
 
 @_typing.type_check_only
 class PolicyServiceAsyncStub(PolicyServiceStub):
@@ -54,7 +56,9 @@ class PolicyServiceAsyncStub(PolicyServiceStub):
     GetModelInfo: _aio.UnaryUnaryMultiCallable[_policy_pb2.GetModelInfoRequest, _policy_pb2.GetModelInfoResponse]  # type: ignore[assignment]
     """Describes the loaded model."""
     LoadWeights: _aio.UnaryUnaryMultiCallable[_policy_pb2.LoadWeightsRequest, _policy_pb2.LoadWeightsResponse]  # type: ignore[assignment]
-    """Loads new weights from a checkpoint; in-flight requests finish on the old weights."""
+    """Loads new weights from a checkpoint; in-flight requests finish on the old weights. It changes the server's state,
+    so it has no idempotency_level and searchrl clients never retry it (the NO_SIDE_EFFECTS methods they retry).
+    """
 
 class PolicyServiceServicer(metaclass=_abc_1.ABCMeta):
     """Serves the policy LM being trained (SGLang on GPU, transformers on CPU)."""
@@ -89,6 +93,8 @@ class PolicyServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _policy_pb2.LoadWeightsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_policy_pb2.LoadWeightsResponse, _abc.Awaitable[_policy_pb2.LoadWeightsResponse]]:
-        """Loads new weights from a checkpoint; in-flight requests finish on the old weights."""
+        """Loads new weights from a checkpoint; in-flight requests finish on the old weights. It changes the server's state,
+        so it has no idempotency_level and searchrl clients never retry it (the NO_SIDE_EFFECTS methods they retry).
+        """
 
 def add_PolicyServiceServicer_to_server(servicer: PolicyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -25,13 +25,17 @@ _sym_db = _symbol_database.Default()
 from searchrl.rollout.v1 import rollout_pb2 as searchrl_dot_rollout_dot_v1_dot_rollout__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%searchrl/retrieval/v1/retrieval.proto\x12\x15searchrl.retrieval.v1\x1a!searchrl/rollout/v1/rollout.proto\"4\n\rSearchFilters\x12\x0e\n\x06titles\x18\x01 \x03(\t\x12\x13\n\x0b\x65xclude_ids\x18\x02 \x03(\t\"z\n\rSearchRequest\x12\x0f\n\x07queries\x18\x01 \x03(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x35\n\x07\x66ilters\x18\x03 \x01(\x0b\x32$.searchrl.retrieval.v1.SearchFilters\x12\x12\n\nskip_cache\x18\x04 \x01(\x08\"a\n\x0bQueryResult\x12\r\n\x05query\x18\x01 \x01(\t\x12\x30\n\tdocuments\x18\x02 \x03(\x0b\x32\x1d.searchrl.rollout.v1.Document\x12\x11\n\tcache_hit\x18\x03 \x01(\x08\"E\n\x0eSearchResponse\x12\x33\n\x07results\x18\x01 \x03(\x0b\x32\".searchrl.retrieval.v1.QueryResult\"\x15\n\x13GetIndexInfoRequest\"\xa2\x01\n\x14GetIndexInfoResponse\x12\x17\n\x0f\x65mbedding_model\x18\x01 \x01(\t\x12\x11\n\tdimension\x18\x02 \x01(\x05\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x12\n\nindex_type\x18\x04 \x01(\t\x12\x17\n\x0f\x63orpus_checksum\x18\x05 \x01(\t\x12\x0e\n\x06on_gpu\x18\x06 \x01(\x08\x12\x13\n\x0bquery_dtype\x18\x07 \x01(\t2\xd2\x01\n\x10RetrievalService\x12U\n\x06Search\x12$.searchrl.retrieval.v1.SearchRequest\x1a%.searchrl.retrieval.v1.SearchResponse\x12g\n\x0cGetIndexInfo\x12*.searchrl.retrieval.v1.GetIndexInfoRequest\x1a+.searchrl.retrieval.v1.GetIndexInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%searchrl/retrieval/v1/retrieval.proto\x12\x15searchrl.retrieval.v1\x1a!searchrl/rollout/v1/rollout.proto\"4\n\rSearchFilters\x12\x0e\n\x06titles\x18\x01 \x03(\t\x12\x13\n\x0b\x65xclude_ids\x18\x02 \x03(\t\"z\n\rSearchRequest\x12\x0f\n\x07queries\x18\x01 \x03(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x35\n\x07\x66ilters\x18\x03 \x01(\x0b\x32$.searchrl.retrieval.v1.SearchFilters\x12\x12\n\nskip_cache\x18\x04 \x01(\x08\"a\n\x0bQueryResult\x12\r\n\x05query\x18\x01 \x01(\t\x12\x30\n\tdocuments\x18\x02 \x03(\x0b\x32\x1d.searchrl.rollout.v1.Document\x12\x11\n\tcache_hit\x18\x03 \x01(\x08\"E\n\x0eSearchResponse\x12\x33\n\x07results\x18\x01 \x03(\x0b\x32\".searchrl.retrieval.v1.QueryResult\"\x15\n\x13GetIndexInfoRequest\"\xa2\x01\n\x14GetIndexInfoResponse\x12\x17\n\x0f\x65mbedding_model\x18\x01 \x01(\t\x12\x11\n\tdimension\x18\x02 \x01(\x05\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x12\n\nindex_type\x18\x04 \x01(\t\x12\x17\n\x0f\x63orpus_checksum\x18\x05 \x01(\t\x12\x0e\n\x06on_gpu\x18\x06 \x01(\x08\x12\x13\n\x0bquery_dtype\x18\x07 \x01(\t2\xdc\x01\n\x10RetrievalService\x12Z\n\x06Search\x12$.searchrl.retrieval.v1.SearchRequest\x1a%.searchrl.retrieval.v1.SearchResponse\"\x03\x90\x02\x01\x12l\n\x0cGetIndexInfo\x12*.searchrl.retrieval.v1.GetIndexInfoRequest\x1a+.searchrl.retrieval.v1.GetIndexInfoResponse\"\x03\x90\x02\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'searchrl.retrieval.v1.retrieval_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_RETRIEVALSERVICE'].methods_by_name['Search']._loaded_options = None
+  _globals['_RETRIEVALSERVICE'].methods_by_name['Search']._serialized_options = b'\220\002\001'
+  _globals['_RETRIEVALSERVICE'].methods_by_name['GetIndexInfo']._loaded_options = None
+  _globals['_RETRIEVALSERVICE'].methods_by_name['GetIndexInfo']._serialized_options = b'\220\002\001'
   _globals['_SEARCHFILTERS']._serialized_start=99
   _globals['_SEARCHFILTERS']._serialized_end=151
   _globals['_SEARCHREQUEST']._serialized_start=153
@@ -45,5 +49,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETINDEXINFORESPONSE']._serialized_start=471
   _globals['_GETINDEXINFORESPONSE']._serialized_end=633
   _globals['_RETRIEVALSERVICE']._serialized_start=636
-  _globals['_RETRIEVALSERVICE']._serialized_end=846
+  _globals['_RETRIEVALSERVICE']._serialized_end=856
 # @@protoc_insertion_point(module_scope)

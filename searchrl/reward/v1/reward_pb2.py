@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsearchrl/reward/v1/reward.proto\x12\x12searchrl.reward.v1\"M\n\tScoreItem\x12\x10\n\x08response\x18\x01 \x01(\t\x12\x16\n\x0egolden_answers\x18\x02 \x03(\t\x12\x16\n\x0e\x65nded_with_eos\x18\x03 \x01(\x08\"n\n\x0cScoreRequest\x12,\n\x05items\x18\x01 \x03(\x0b\x32\x1d.searchrl.reward.v1.ScoreItem\x12\x30\n\x06scheme\x18\x02 \x01(\x0e\x32 .searchrl.reward.v1.RewardScheme\"n\n\x0bScoreResult\x12\x0e\n\x06reward\x18\x01 \x01(\x02\x12\n\n\x02\x66\x31\x18\x02 \x01(\x02\x12\n\n\x02\x65m\x18\x03 \x01(\x02\x12\x11\n\tformat_ok\x18\x04 \x01(\x08\x12\x14\n\x0c\x66ormat_error\x18\x05 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x06 \x01(\t\"A\n\rScoreResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.searchrl.reward.v1.ScoreResult*\xb2\x01\n\x0cRewardScheme\x12\x1d\n\x19REWARD_SCHEME_UNSPECIFIED\x10\x00\x12\x1a\n\x16REWARD_SCHEME_RESEARCH\x10\x01\x12\x1e\n\x1aREWARD_SCHEME_SEARCH_R1_EM\x10\x02\x12&\n\"REWARD_SCHEME_SEARCH_R1_STRUCTURED\x10\x03\x12\x1f\n\x1bREWARD_SCHEME_ZEROSEARCH_F1\x10\x04\x32]\n\rRewardService\x12L\n\x05Score\x12 .searchrl.reward.v1.ScoreRequest\x1a!.searchrl.reward.v1.ScoreResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsearchrl/reward/v1/reward.proto\x12\x12searchrl.reward.v1\"M\n\tScoreItem\x12\x10\n\x08response\x18\x01 \x01(\t\x12\x16\n\x0egolden_answers\x18\x02 \x03(\t\x12\x16\n\x0e\x65nded_with_eos\x18\x03 \x01(\x08\"n\n\x0cScoreRequest\x12,\n\x05items\x18\x01 \x03(\x0b\x32\x1d.searchrl.reward.v1.ScoreItem\x12\x30\n\x06scheme\x18\x02 \x01(\x0e\x32 .searchrl.reward.v1.RewardScheme\"n\n\x0bScoreResult\x12\x0e\n\x06reward\x18\x01 \x01(\x02\x12\n\n\x02\x66\x31\x18\x02 \x01(\x02\x12\n\n\x02\x65m\x18\x03 \x01(\x02\x12\x11\n\tformat_ok\x18\x04 \x01(\x08\x12\x14\n\x0c\x66ormat_error\x18\x05 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x06 \x01(\t\"A\n\rScoreResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.searchrl.reward.v1.ScoreResult*\xb2\x01\n\x0cRewardScheme\x12\x1d\n\x19REWARD_SCHEME_UNSPECIFIED\x10\x00\x12\x1a\n\x16REWARD_SCHEME_RESEARCH\x10\x01\x12\x1e\n\x1aREWARD_SCHEME_SEARCH_R1_EM\x10\x02\x12&\n\"REWARD_SCHEME_SEARCH_R1_STRUCTURED\x10\x03\x12\x1f\n\x1bREWARD_SCHEME_ZEROSEARCH_F1\x10\x04\x32\x62\n\rRewardService\x12Q\n\x05Score\x12 .searchrl.reward.v1.ScoreRequest\x1a!.searchrl.reward.v1.ScoreResponse\"\x03\x90\x02\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'searchrl.reward.v1.reward_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_REWARDSERVICE'].methods_by_name['Score']._loaded_options = None
+  _globals['_REWARDSERVICE'].methods_by_name['Score']._serialized_options = b'\220\002\001'
   _globals['_REWARDSCHEME']._serialized_start=426
   _globals['_REWARDSCHEME']._serialized_end=604
   _globals['_SCOREITEM']._serialized_start=55
@@ -42,5 +44,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCORERESPONSE']._serialized_start=358
   _globals['_SCORERESPONSE']._serialized_end=423
   _globals['_REWARDSERVICE']._serialized_start=606
-  _globals['_REWARDSERVICE']._serialized_end=699
+  _globals['_REWARDSERVICE']._serialized_end=704
 # @@protoc_insertion_point(module_scope)

@@ -25,13 +25,17 @@ _sym_db = _symbol_database.Default()
 from searchrl.rollout.v1 import rollout_pb2 as searchrl_dot_rollout_dot_v1_dot_rollout__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'searchrl/simulation/v1/simulation.proto\x12\x16searchrl.simulation.v1\x1a!searchrl/rollout/v1/rollout.proto\"3\n\x0e\x43urriculumStep\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\"\xa1\x02\n\rSearchRequest\x12\x0f\n\x07queries\x18\x01 \x03(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x37\n\x07quality\x18\x03 \x01(\x0e\x32$.searchrl.rollout.v1.DocumentQualityH\x00\x12\x1b\n\x11noise_probability\x18\x04 \x01(\x02H\x00\x12<\n\ncurriculum\x18\x05 \x01(\x0b\x32&.searchrl.simulation.v1.CurriculumStepH\x00\x12\x10\n\x08question\x18\x06 \x01(\t\x12\x16\n\x0egolden_answers\x18\x07 \x03(\t\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12\x12\n\nskip_cache\x18\t \x01(\x08\x42\x10\n\x0equality_source\"\x98\x01\n\x0bQueryResult\x12\r\n\x05query\x18\x01 \x01(\t\x12\x35\n\x07quality\x18\x02 \x01(\x0e\x32$.searchrl.rollout.v1.DocumentQuality\x12\x30\n\tdocuments\x18\x03 \x03(\x0b\x32\x1d.searchrl.rollout.v1.Document\x12\x11\n\tcache_hit\x18\x04 \x01(\x08\"a\n\x0eSearchResponse\x12\x34\n\x07results\x18\x01 \x03(\x0b\x32#.searchrl.simulation.v1.QueryResult\x12\x19\n\x11noise_probability\x18\x02 \x01(\x02\"\x19\n\x17GetSimulatorInfoRequest\"\x84\x01\n\x18GetSimulatorInfoResponse\x12\x0e\n\x06\x65ngine\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10\x63urriculum_start\x18\x03 \x01(\x02\x12\x16\n\x0e\x63urriculum_end\x18\x04 \x01(\x02\x12\x17\n\x0f\x63urriculum_base\x18\x05 \x01(\x02\x32\xe8\x01\n\x16SimulatedSearchService\x12W\n\x06Search\x12%.searchrl.simulation.v1.SearchRequest\x1a&.searchrl.simulation.v1.SearchResponse\x12u\n\x10GetSimulatorInfo\x12/.searchrl.simulation.v1.GetSimulatorInfoRequest\x1a\x30.searchrl.simulation.v1.GetSimulatorInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'searchrl/simulation/v1/simulation.proto\x12\x16searchrl.simulation.v1\x1a!searchrl/rollout/v1/rollout.proto\"3\n\x0e\x43urriculumStep\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\"\xa1\x02\n\rSearchRequest\x12\x0f\n\x07queries\x18\x01 \x03(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x37\n\x07quality\x18\x03 \x01(\x0e\x32$.searchrl.rollout.v1.DocumentQualityH\x00\x12\x1b\n\x11noise_probability\x18\x04 \x01(\x02H\x00\x12<\n\ncurriculum\x18\x05 \x01(\x0b\x32&.searchrl.simulation.v1.CurriculumStepH\x00\x12\x10\n\x08question\x18\x06 \x01(\t\x12\x16\n\x0egolden_answers\x18\x07 \x03(\t\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12\x12\n\nskip_cache\x18\t \x01(\x08\x42\x10\n\x0equality_source\"\x98\x01\n\x0bQueryResult\x12\r\n\x05query\x18\x01 \x01(\t\x12\x35\n\x07quality\x18\x02 \x01(\x0e\x32$.searchrl.rollout.v1.DocumentQuality\x12\x30\n\tdocuments\x18\x03 \x03(\x0b\x32\x1d.searchrl.rollout.v1.Document\x12\x11\n\tcache_hit\x18\x04 \x01(\x08\"a\n\x0eSearchResponse\x12\x34\n\x07results\x18\x01 \x03(\x0b\x32#.searchrl.simulation.v1.QueryResult\x12\x19\n\x11noise_probability\x18\x02 \x01(\x02\"\x19\n\x17GetSimulatorInfoRequest\"\x84\x01\n\x18GetSimulatorInfoResponse\x12\x0e\n\x06\x65ngine\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10\x63urriculum_start\x18\x03 \x01(\x02\x12\x16\n\x0e\x63urriculum_end\x18\x04 \x01(\x02\x12\x17\n\x0f\x63urriculum_base\x18\x05 \x01(\x02\x32\xf2\x01\n\x16SimulatedSearchService\x12\\\n\x06Search\x12%.searchrl.simulation.v1.SearchRequest\x1a&.searchrl.simulation.v1.SearchResponse\"\x03\x90\x02\x01\x12z\n\x10GetSimulatorInfo\x12/.searchrl.simulation.v1.GetSimulatorInfoRequest\x1a\x30.searchrl.simulation.v1.GetSimulatorInfoResponse\"\x03\x90\x02\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'searchrl.simulation.v1.simulation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SIMULATEDSEARCHSERVICE'].methods_by_name['Search']._loaded_options = None
+  _globals['_SIMULATEDSEARCHSERVICE'].methods_by_name['Search']._serialized_options = b'\220\002\001'
+  _globals['_SIMULATEDSEARCHSERVICE'].methods_by_name['GetSimulatorInfo']._loaded_options = None
+  _globals['_SIMULATEDSEARCHSERVICE'].methods_by_name['GetSimulatorInfo']._serialized_options = b'\220\002\001'
   _globals['_CURRICULUMSTEP']._serialized_start=102
   _globals['_CURRICULUMSTEP']._serialized_end=153
   _globals['_SEARCHREQUEST']._serialized_start=156
@@ -45,5 +49,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSIMULATORINFORESPONSE']._serialized_start=729
   _globals['_GETSIMULATORINFORESPONSE']._serialized_end=861
   _globals['_SIMULATEDSEARCHSERVICE']._serialized_start=864
-  _globals['_SIMULATEDSEARCHSERVICE']._serialized_end=1096
+  _globals['_SIMULATEDSEARCHSERVICE']._serialized_end=1106
 # @@protoc_insertion_point(module_scope)
