@@ -94,7 +94,13 @@ RSS_GROWTH_LIMIT = 0.10
 FD_SLACK = 8
 TOP_K = 3
 POLICY_NEW_TOKENS = 16
-BACKOFF_S = 0.05  # after RESOURCE_EXHAUSTED: a caller retries with a short pause instead of spinning
+# Admission limits per service: the generation services decode about one batch at a time on a CPU, so callers beyond
+# one batch would only queue (32 callers of the policy would wait ~30 s, past the deadline); admission control turns
+# them away at once instead, and they retry with backoff.
+DEFAULT_MAX_CONCURRENT_RPCS = {"reward": 64, "retriever": 64, "simulator": 4, "policy": 8}
+# After RESOURCE_EXHAUSTED a caller retries with exponential backoff and jitter (50 ms doubling up to 1 s), as the
+# server's message asks, instead of spinning; a call with any other outcome resets it.
+BACKOFF_S = (0.05, 1.0)
 
 # A call returns "OK" or the name of its error.
 Call = Callable[[int], Awaitable[str]]
@@ -365,6 +371,8 @@ async def soak(name: str, call: Call, pid: int, args: argparse.Namespace) -> Row
 
     async def caller(k: int) -> None:
         i = k
+        rng = random.Random(k)
+        backoff = BACKOFF_S[0]
         while True:
             t0 = time.perf_counter()
             code = await call(i)
@@ -378,7 +386,10 @@ async def soak(name: str, call: Call, pid: int, args: argparse.Namespace) -> Row
                 if len(warmed) == args.clients:
                     all_warm.set()
             if code == "RESOURCE_EXHAUSTED":
-                await asyncio.sleep(BACKOFF_S)
+                await asyncio.sleep(backoff * rng.uniform(0.5, 1.0))
+                backoff = min(2 * backoff, BACKOFF_S[1])
+            else:
+                backoff = BACKOFF_S[0]
             i += args.clients
 
     started = time.perf_counter()
@@ -406,7 +417,7 @@ async def soak(name: str, call: Call, pid: int, args: argparse.Namespace) -> Row
     row.requests = sum(codes.values())
     row.ok = codes["OK"]
     row.errors = {k: v for k, v in codes.most_common() if k != "OK"}
-    row.qps = row.requests / args.duration
+    row.qps = row.ok / args.duration
     row.p50_ms = percentile(latencies, 50) * 1000
     row.p99_ms = percentile(latencies, 99) * 1000
     return row
@@ -421,15 +432,18 @@ async def serving(channel: grpc.aio.Channel) -> bool:
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
-def server_args(service: str, index_dir: Path | None, roots: Path, args: argparse.Namespace) -> list[str]:
+def server_args(
+    service: str, index_dir: Path | None, roots: Path, admission: dict[str, int], args: argparse.Namespace
+) -> list[str]:
     """The flags of ``searchrl serve <service>``: small CPU limits as in ``tests/serving/test_fuzz.py``."""
-    common = ["--max-concurrent-rpcs", str(args.max_concurrent_rpcs), "--log-level", "WARNING"]
+    common = ["--max-concurrent-rpcs", str(admission[service]), "--log-level", "WARNING"]
     if service == "retriever":
         assert index_dir is not None
         return [*common, "--index-dir", str(index_dir), "--torch-threads", "1"]
     if service == "simulator":
-        return [*common, "--engine", "transformers", "--max-tokens", "16", "--tokens-per-doc", "8",
-                "--top-k", str(TOP_K), "--max-top-k", str(TOP_K), "--max-batch", "4", "--torch-threads", "1"]  # fmt: skip
+        # one generation round of <= 32 tokens per request (no retry rounds for short documents): ~3 s on 1 core
+        return [*common, "--engine", "transformers", "--max-tokens", "32", "--tokens-per-doc", "10", "--max-retries",
+                "0", "--top-k", str(TOP_K), "--max-top-k", str(TOP_K), "--max-batch", "4", "--torch-threads", "1"]  # fmt: skip
     if service == "policy":
         return [*common, "--max-new-tokens", str(POLICY_NEW_TOKENS), "--max-n", "2", "--max-batch-size", "8",
                 "--torch-threads", "1", "--max-prompt-tokens", "1024", "--search-backend", "none",
@@ -444,7 +458,9 @@ async def soak_service(
     print(f"{service}: starting ...", file=sys.stderr, flush=True)
     try:
         proc = ServiceProcess(
-            service, server_args(service, index_dir, roots, args), env={"TOKENIZERS_PARALLELISM": "false"}
+            service,
+            server_args(service, index_dir, roots, args.admission, args),
+            env={"TOKENIZERS_PARALLELISM": "false"},
         )
     except RuntimeError as exc:
         print(str(exc), file=sys.stderr)
@@ -480,23 +496,27 @@ async def soak_service(
 # --- report ----------------------------------------------------------------------------------------------------------
 
 
-def parse_bounds(spec: str) -> dict[str, float]:
-    """``--p99-bound-ms``: one number for every row, or ``row=ms`` pairs over the defaults (``retriever`` sets both
-    retriever rows)."""
-    bounds = dict(DEFAULT_P99_BOUND_MS)
-    if not spec:
-        return bounds
+def per_key(spec: str, defaults: dict[str, float], flag: str) -> dict[str, float]:
+    """A per-row (or per-service) flag: empty for ``defaults``, one number for every key, or ``key=value`` pairs over
+    the defaults (``retriever`` names both retriever rows).
+
+    Raises:
+        ValueError: an unknown key or a value that is not a number.
+    """
+    out = dict(defaults)
+    if not spec.strip():
+        return out
     if "=" not in spec:
-        return dict.fromkeys(bounds, float(spec))
+        return dict.fromkeys(out, float(spec))
     for part in spec.split(","):
         key, _, value = part.partition("=")
         key = key.strip()
-        names = ROWS_OF.get(key, (key,))
+        names = [n for n in ROWS_OF.get(key, (key,)) if n in out] or ([key] if key in out else [])
+        if not names:
+            raise ValueError(f"unknown key {key!r} in {flag}; choose from {', '.join(out)}")
         for n in names:
-            if n not in bounds:
-                raise argparse.ArgumentTypeError(f"unknown row {key!r} in --p99-bound-ms; rows: {', '.join(ROWS)}")
-            bounds[n] = float(value)
-    return bounds
+            out[n] = float(value)
+    return out
 
 
 def _fmt_errors(errors: dict[str, int]) -> str:
@@ -569,7 +589,7 @@ def targets(rows: list[Row], bounds: dict[str, float]) -> list[dict[str, Any]]:
 # --- main ------------------------------------------------------------------------------------------------------------
 
 
-async def run(args: argparse.Namespace, services: list[str], bounds: dict[str, float]) -> int:
+async def run(args: argparse.Namespace, services: list[str]) -> int:
     questions = load_questions(args.seed)
     rows: list[Row] = []
     started = time.monotonic()
@@ -582,10 +602,11 @@ async def run(args: argparse.Namespace, services: list[str], bounds: dict[str, f
         for service in services:
             rows.extend(await soak_service(service, questions, index_dir, folder / "roots", args))
 
-    checks = targets(rows, bounds)
+    checks = targets(rows, args.bounds)
+    limits = ", ".join(f"{k} {v}" for k, v in args.admission.items() if k in services)
     print(
         f"\nsoak: {args.clients} clients per row, warm-up >= {args.warmup:g} s + {args.duration:g} s measured, "
-        f"deadline {args.deadline_s:g} s, --max-concurrent-rpcs {args.max_concurrent_rpcs}, "
+        f"deadline {args.deadline_s:g} s, --max-concurrent-rpcs {limits}, "
         f"{os.cpu_count()} cores (load average {os.getloadavg()[0]:.1f}), {time.monotonic() - started:.0f} s in all"
     )
     print(table(rows))
@@ -606,11 +627,11 @@ async def run(args: argparse.Namespace, services: list[str], bounds: dict[str, f
                 "duration_s": args.duration,
                 "warmup_s": args.warmup,
                 "deadline_s": args.deadline_s,
-                "max_concurrent_rpcs": args.max_concurrent_rpcs,
+                "max_concurrent_rpcs": {k: v for k, v in args.admission.items() if k in services},
                 "passages": 0 if args.index_dir or "retriever" not in services else args.passages,
                 "index_dir": args.index_dir,
                 "reward_batch": args.reward_batch,
-                "p99_bound_ms": bounds,
+                "p99_bound_ms": {k: v for k, v in args.bounds.items() if k in {r.name for r in rows}},
                 "cores": os.cpu_count(),
             },
             "rows": [asdict(r) for r in rows],
@@ -640,7 +661,10 @@ def main() -> None:
     p.add_argument("--warmup", type=float, default=5.0, help="seconds of load before the window, not counted (5)")
     p.add_argument("--deadline-s", type=float, default=30.0, help="deadline of every call, seconds (default 30)")
     p.add_argument(
-        "--max-concurrent-rpcs", type=int, default=64, help="the servers' admission limit (default 64; 0: unbounded)"
+        "--max-concurrent-rpcs",
+        default="",
+        help="the servers' admission limit (0: unbounded): one number for every service, or service=n pairs over the "
+        "defaults " + ", ".join(f"{k}={v}" for k, v in DEFAULT_MAX_CONCURRENT_RPCS.items()),
     )
     p.add_argument(
         "--p99-bound-ms",
@@ -661,10 +685,13 @@ def main() -> None:
     if args.clients < 1 or args.duration <= 0 or args.warmup < 0 or args.deadline_s <= 0:
         p.error("--clients must be >= 1, --duration and --deadline-s > 0, --warmup >= 0")
     try:
-        bounds = parse_bounds(args.p99_bound_ms)
-    except (ValueError, argparse.ArgumentTypeError) as exc:
+        args.bounds = per_key(args.p99_bound_ms, DEFAULT_P99_BOUND_MS, "--p99-bound-ms")
+        limits = per_key(args.max_concurrent_rpcs, {k: float(v) for k, v in DEFAULT_MAX_CONCURRENT_RPCS.items()},
+                         "--max-concurrent-rpcs")  # fmt: skip
+    except ValueError as exc:
         p.error(str(exc))
-    sys.exit(asyncio.run(run(args, services, bounds)))
+    args.admission = {k: int(v) for k, v in limits.items()}
+    sys.exit(asyncio.run(run(args, services)))
 
 
 if __name__ == "__main__":

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import ClassVar
 
 from searchrl.serving.process import free_port, serve_command, start_redis, stop_process_group, wait_for_health
 
@@ -29,7 +31,16 @@ class ServiceProcess:
         env: extra environment variables.
         timeout_s: deadline for the health check.
         root_ca: PEM CA of the server certificate when the service runs with TLS (health is checked over TLS).
+        client_cert: ``(certificate PEM, key PEM)`` for the health check when the service requires client
+            certificates (mTLS).
+
+    Attributes:
+        secrets: the secret values it was started with (tokens and passwords from ``env`` and ``args``, and the
+            contents of the token, password and key files they name); :meth:`leaked_secrets` looks for them in its
+            output.
     """
+
+    launched: ClassVar[list[ServiceProcess]] = []  # every instance of this process, for suite-wide log checks
 
     def __init__(
         self,
@@ -38,8 +49,11 @@ class ServiceProcess:
         env: dict[str, str] | None = None,
         timeout_s: float = 180.0,
         root_ca: bytes | None = None,
+        client_cert: tuple[bytes, bytes] | None = None,
     ) -> None:
         self.service = service
+        self.secrets = _secrets_in(list(args), env or {})
+        ServiceProcess.launched.append(self)
         self.port = free_port()
         self.metrics_port = free_port()
         self.target = f"127.0.0.1:{self.port}"
@@ -57,7 +71,7 @@ class ServiceProcess:
             start_new_session=True,
         )
         try:
-            wait_for_health(self.target, timeout_s=timeout_s, proc=self.proc, root_ca=root_ca)
+            wait_for_health(self.target, timeout_s=timeout_s, proc=self.proc, root_ca=root_ca, client_cert=client_cert)
         except Exception as exc:
             self.stop()
             raise RuntimeError(f"{service} did not start: {exc}\n--- log ---\n{self.output()[-4000:]}") from exc
@@ -65,6 +79,11 @@ class ServiceProcess:
     def output(self) -> str:
         """Everything the child printed so far."""
         return self.log_path.read_text(errors="replace")
+
+    def leaked_secrets(self) -> list[str]:
+        """Which of :attr:`secrets` appear in the child's output (shown by their first 4 characters)."""
+        out = self.output()
+        return [f"{s[:4]}..." for s in self.secrets if s in out]
 
     def signal(self, sig: int = signal.SIGTERM) -> None:
         """Sends ``sig`` to the child."""
@@ -81,6 +100,41 @@ class ServiceProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+_SECRET_NAME = re.compile(r"TOKEN|PASSWORD|SECRET|API_KEY", re.IGNORECASE)
+_SECRET_FILE = re.compile(r"(TOKEN|PASSWORD|KEY)_FILE$", re.IGNORECASE)
+_SECRET_FLAGS = {"--auth-token", "--redis-password", "--openai-api-key"}
+_SECRET_FILE_FLAGS = {"--auth-token-file", "--tls-key-file"}
+
+
+def _secrets_in(args: list[str], env: dict[str, str]) -> list[str]:
+    """Secret values among a child's flags and environment (and inside the files they name); a PEM key counts by
+    its base64 body lines, the part a log could leak."""
+    values: list[str] = []
+    files: list[str] = []
+    for name, value in env.items():
+        if _SECRET_FILE.search(name):
+            files.append(value)
+        elif _SECRET_NAME.search(name):
+            values.append(value)
+    for i, arg in enumerate(args):
+        flag, eq, inline = arg.partition("=")
+        value = inline if eq else (args[i + 1] if i + 1 < len(args) else "")
+        if flag in _SECRET_FLAGS:
+            values.append(value)
+        elif flag in _SECRET_FILE_FLAGS:
+            files.append(value)
+    for path in files:
+        try:
+            text = Path(path).read_text(errors="replace")
+        except OSError:
+            continue
+        if "-----BEGIN" in text:
+            values += [line for line in text.splitlines() if line and not line.startswith("-----")]
+        else:
+            values.append(text.strip())
+    return sorted({v for v in values if len(v) >= 6})
 
 
 @contextlib.contextmanager

@@ -14,6 +14,19 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_in_any_service_log() -> Iterator[None]:
+    """#17: after the session, no token, password or private key that a test gave a ``searchrl serve`` process
+    (``searchrl.testing.ServiceProcess``: flags, environment, and the files they name) appears anywhere in that
+    process's output: start-up lines, errors, tracebacks."""
+    yield
+    from searchrl.testing import ServiceProcess
+
+    leaks = [f"{p.service} ({p.log_path}): {p.leaked_secrets()}" for p in ServiceProcess.launched if p.leaked_secrets()]
+    checked = sum(1 for p in ServiceProcess.launched if p.secrets)
+    assert not leaks, f"secrets in service logs ({checked} processes had secrets):\n" + "\n".join(leaks)
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """URL of a real Redis: a local ``redis-server`` on a free port, else a testcontainers Redis when Docker runs."""

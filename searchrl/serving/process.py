@@ -62,15 +62,18 @@ def wait_for_health(
     timeout_s: float = 120.0,
     proc: subprocess.Popen[bytes] | None = None,
     root_ca: bytes | None = None,
+    client_cert: tuple[bytes, bytes] | None = None,
 ) -> None:
-    """Polls ``grpc.health.v1.Health/Check`` until SERVING (over TLS trusting ``root_ca`` when given).
+    """Polls ``grpc.health.v1.Health/Check`` until SERVING (over TLS trusting ``root_ca`` when given, presenting
+    ``client_cert`` = ``(certificate PEM, key PEM)`` to a server that requires client certificates).
 
     Raises:
         RuntimeError: ``proc`` exited before becoming healthy.
         TimeoutError: not SERVING within ``timeout_s``.
     """
+    cert, key = client_cert or (None, None)
     channel = (
-        grpc.secure_channel(target, grpc.ssl_channel_credentials(root_ca))
+        grpc.secure_channel(target, grpc.ssl_channel_credentials(root_ca, key, cert))
         if root_ca is not None
         else grpc.insecure_channel(target)
     )
