@@ -10,24 +10,11 @@ from typing import Any
 
 import grpc
 
+from searchrl.serving.methods import retryable_methods
+
 # Statuses a retried call may have failed with without the server having computed it: the connection or the
 # server was down (UNAVAILABLE), or admission control turned it away (RESOURCE_EXHAUSTED).
 DEFAULT_RETRY_CODES = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
-
-
-def retryable_methods(service_name: str) -> list[str]:
-    """Methods of ``service_name`` that clients may retry: those the proto marks ``option idempotency_level =
-    NO_SIDE_EFFECTS`` or ``IDEMPOTENT`` (protobuf's ``MethodOptions.idempotency_level``). ``LoadWeights`` changes the
-    server's state and is not marked, so it is never retried. Empty for a service not in the descriptor pool.
-    """
-    from google.protobuf import descriptor_pb2, descriptor_pool
-
-    try:
-        service = descriptor_pool.Default().FindServiceByName(service_name)
-    except KeyError:
-        return []
-    levels = (descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS, descriptor_pb2.MethodOptions.IDEMPOTENT)
-    return [m.name for m in service.methods if m.GetOptions().idempotency_level in levels]
 
 
 def service_config_json(
@@ -90,7 +77,9 @@ class ChannelOptions:
     extra: list[tuple[str, Any]] = field(default_factory=list)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ChannelOptions:
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, *, admin: bool = False, **overrides: Any
+    ) -> ChannelOptions:
         """Client TLS and auth settings from the environment the chart and the RayJob manifests set.
 
         Variables (all optional):
@@ -98,7 +87,10 @@ class ChannelOptions:
         * ``SEARCHRL_TLS``: ``true``/``1`` to use TLS (the endpoints ConfigMap mirrors ``global.tls.enabled``);
         * ``SEARCHRL_TLS_CA_FILE``: PEM CA bundle that signed the servers' certificates (default: system roots);
         * ``SEARCHRL_TLS_CLIENT_CERT_FILE`` / ``SEARCHRL_TLS_CLIENT_KEY_FILE``: client certificate for mTLS;
-        * ``SEARCHRL_AUTH_TOKEN_FILE`` (wins) or ``SEARCHRL_AUTH_TOKEN``: the bearer token.
+        * ``SEARCHRL_AUTH_TOKEN_FILE`` (wins) or ``SEARCHRL_AUTH_TOKEN``: the bearer token;
+        * with ``admin=True``, ``SEARCHRL_ADMIN_TOKEN_FILE`` (wins) or ``SEARCHRL_ADMIN_TOKEN``, when set, replaces
+          it: the token a server with auth on requires for calls that change its state (``LoadWeights``), used by
+          the client that owns the weights (the trainer's policy channel).
 
         ``overrides`` replace fields after the environment is read (e.g. ``timeout_s=5``).
 
@@ -125,6 +117,12 @@ class ChannelOptions:
             raise InvalidRequest("SEARCHRL_TLS_CLIENT_CERT_FILE and SEARCHRL_TLS_CLIENT_KEY_FILE go together (mTLS)")
         token_file = _read("SEARCHRL_AUTH_TOKEN_FILE")
         token = token_file.decode().strip() if token_file is not None else env.get("SEARCHRL_AUTH_TOKEN", "").strip()
+        if admin:
+            admin_file = _read("SEARCHRL_ADMIN_TOKEN_FILE")
+            admin_token = (
+                admin_file.decode().strip() if admin_file is not None else env.get("SEARCHRL_ADMIN_TOKEN", "").strip()
+            )
+            token = admin_token or token
         opts = cls(
             token=token,
             tls=tls,

@@ -75,6 +75,13 @@ class ServerConfig(BaseSettings):
         secret=True,
     )
     auth_token_file: str = field("", help="File holding the bearer token (e.g. a mounted Kubernetes Secret).")
+    admin_token: str = field(
+        "",
+        help="With auth on: the bearer token that may call methods that change the server's state"
+        " (PolicyService.LoadWeights); the auth token may not. Empty: no caller may. Prefer admin_token_file.",
+        secret=True,
+    )
+    admin_token_file: str = field("", help="File holding the admin token (e.g. a mounted Kubernetes Secret).")
     max_connection_age_ms: int = field(
         60_000,
         help="Close each client connection (HTTP/2 GOAWAY; gRPC adds +-10 percent jitter) after this many ms, so "
@@ -132,6 +139,17 @@ class ServerConfig(BaseSettings):
             with open(self.auth_token_file, encoding="utf-8") as fh:
                 return fh.read().strip()
         return self.auth_token
+
+    def resolved_admin_token(self) -> str:
+        """The admin token from ``admin_token`` or ``admin_token_file`` (file wins); empty when none is set or the file
+        does not exist (the chart mounts it from an optional Secret key: no key, no admin, LoadWeights refused)."""
+        if self.admin_token_file:
+            try:
+                with open(self.admin_token_file, encoding="utf-8") as fh:
+                    return fh.read().strip()
+            except FileNotFoundError:
+                return ""
+        return self.admin_token
 
 
 C = TypeVar("C", bound=ServerConfig)

@@ -41,6 +41,7 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 from searchrl.errors import SearchRLError
 from searchrl.serving.config import ServerConfig as ServerConfig  # servers subclass it from here
 from searchrl.serving.config import from_sources, parser_for, redacted
+from searchrl.serving.methods import changes_state
 
 log = logging.getLogger("searchrl.runtime")
 
@@ -138,9 +139,10 @@ class _ObservedHandlers(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  
     """Auth, metrics, concurrency limit and error mapping around every RPC handler; one server-wide rule for request
     bytes that do not parse as the method's message: INVALID_ARGUMENT (health and reflection included)."""
 
-    def __init__(self, service_label: str, token: str, max_concurrent: int) -> None:
+    def __init__(self, service_label: str, token: str, max_concurrent: int, admin_token: str = "") -> None:
         self._label = service_label
         self._token = token
+        self._admin_token = admin_token
         self._max = max_concurrent
         self._in_flight = 0
         GRPC_MAX_IN_FLIGHT.labels(service_label).set(max_concurrent)
@@ -202,18 +204,29 @@ class _ObservedHandlers(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  
             return grpc.unary_stream_rpc_method_handler(stream, parse, handler.response_serializer)
         return handler
 
-    def _check_auth(self, details: grpc.HandlerCallDetails) -> str | None:
+    def _check_auth(self, details: grpc.HandlerCallDetails) -> tuple[grpc.StatusCode, str] | None:
+        """None when the call may proceed, else the status and message to refuse it with. With auth on, the service
+        token or the admin token passes; a method that changes the server's state (no idempotency level in its
+        proto: ``LoadWeights``) needs the admin token."""
         if not self._token:
             return None
         meta = dict(details.invocation_metadata or ())
         got = meta.get("authorization", "")
-        if not isinstance(got, str) or not hmac.compare_digest(got.encode(), f"Bearer {self._token}".encode()):
-            return "missing or invalid bearer token"
+        got_b = got.encode() if isinstance(got, str) else b""
+        admin = bool(self._admin_token) and hmac.compare_digest(got_b, f"Bearer {self._admin_token}".encode())
+        if not admin and not hmac.compare_digest(got_b, f"Bearer {self._token}".encode()):
+            return grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token"
+        if not admin and changes_state(details.method or ""):
+            why = "" if self._admin_token else "; this server has no admin token (--admin-token-file), so no caller may"
+            return (
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"this method changes the server's state: it needs the admin token{why}",
+            )
         return None
 
     @contextlib.asynccontextmanager
     async def _observe(
-        self, method: str, context: grpc.aio.ServicerContext[Any, Any], rejected: str | None
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any], rejected: tuple[grpc.StatusCode, str] | None
     ) -> AsyncIterator[None]:
         start = time.perf_counter()
         code = grpc.StatusCode.OK
@@ -221,8 +234,8 @@ class _ObservedHandlers(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  
         self._in_flight += 1
         try:
             if rejected:
-                code = grpc.StatusCode.UNAUTHENTICATED
-                await context.abort(code, rejected)
+                code, why = rejected
+                await context.abort(code, why)
             if self._max and self._in_flight > self._max:
                 code = grpc.StatusCode.RESOURCE_EXHAUSTED
                 await context.abort(code, f"server busy: more than {self._max} concurrent requests; retry with backoff")
@@ -346,7 +359,14 @@ class GrpcServer:
             RuntimeError: the gRPC port could not be bound.
         """
         server = grpc.aio.server(
-            interceptors=[_ObservedHandlers(self.label, self.config.resolved_token(), self.config.max_concurrent_rpcs)],
+            interceptors=[
+                _ObservedHandlers(
+                    self.label,
+                    self.config.resolved_token(),
+                    self.config.max_concurrent_rpcs,
+                    self.config.resolved_admin_token(),
+                )
+            ],
             options=server_options(self.config),
         )
         for spec in self.specs:

@@ -7,6 +7,7 @@ with the real helm binary and assert on the objects with pytest.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -690,3 +691,28 @@ def test_every_service_gets_its_admission_bound(render):
     with pytest.raises(subprocess.CalledProcessError) as err:
         render(retriever={"service": {"maxConcurrentRpcs": -1}})
     assert "maxConcurrentRpcs" in err.value.stderr
+
+
+def test_only_the_policy_gets_the_admin_token_and_it_comes_from_the_auth_secret(render):
+    """#17: with auth on, LoadWeights needs the admin token: the generated auth Secret holds it next to the bearer
+    token, the policy (only) reads it from an optional key of that Secret, and the server config reads that file."""
+    from searchrl.services.policy.server import PolicyConfig
+    from searchrl.serving.config import from_sources
+
+    objs = render("gpu-values.yaml")
+    secret = one(objs, "Secret", "searchrl-auth")
+    assert set(secret["data"]) == {"token", "admin-token"} and secret["data"]["token"] != secret["data"]["admin-token"]
+    for name in ("retriever", "simulator", "reward"):
+        c = pod(one(objs, "Deployment", f"searchrl-{name}"))["containers"][0]
+        assert "SEARCHRL_ADMIN_TOKEN_FILE" not in {e["name"] for e in c["env"]}, name
+    spec = pod(one(objs, "Deployment", "searchrl-policy"))
+    c = spec["containers"][0]
+    env = {e["name"]: e["value"] for e in c["env"] if "value" in e}
+    cfg = from_sources(PolicyConfig, c["args"], env)
+    assert cfg.admin_token_file == env["SEARCHRL_ADMIN_TOKEN_FILE"] != cfg.auth_token_file
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    vol = {v["name"]: v for v in spec["volumes"]}[mounts[os.path.dirname(cfg.admin_token_file)]]
+    assert vol["secret"]["secretName"] == "searchrl-auth" and vol["secret"]["optional"] is True
+    assert vol["secret"]["items"] == [{"key": "admin-token", "path": os.path.basename(cfg.admin_token_file)}]
+    off = pod(one(render(), "Deployment", "searchrl-policy"))["containers"][0]
+    assert "SEARCHRL_ADMIN_TOKEN_FILE" not in {e["name"] for e in off["env"]}

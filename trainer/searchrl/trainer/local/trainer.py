@@ -107,8 +107,9 @@ async def open_search_backend(search: SearchConfig, seed: int) -> Any:
 
 def policy_channel_options() -> ChannelOptions:
     """Options of the trainer's and the rollout workers' PolicyService client: TLS and token from the environment
-    (:meth:`~searchrl.client.base.ChannelOptions.from_env`), a 600 s deadline (episodes are long on CPU)."""
-    return ChannelOptions.from_env(timeout_s=600.0)
+    (:meth:`~searchrl.client.base.ChannelOptions.from_env`; the admin token when one is set, since the trainer
+    loads its checkpoints into the policy), a 600 s deadline (episodes are long on CPU)."""
+    return ChannelOptions.from_env(admin=True, timeout_s=600.0)
 
 
 class LocalTrainer:
