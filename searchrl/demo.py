@@ -339,8 +339,10 @@ def write_report(
     endpoints: dict[str, str],
     mlflow_uri: str,
     sets: Any = None,
+    restarts: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """Writes report.md, report.json, before_after.csv and curves.png into ``report``; returns report.json's content."""
+    """Writes report.md, report.json, before_after.csv and curves.png into ``report``; returns report.json's content.
+    ``restarts``: how often the stack's supervisor restarted each service during the run."""
     report.mkdir(parents=True, exist_ok=True)
     b_rows, a_rows = _summary_rows(before), _summary_rows(after)
     metrics = ("em", "f1", "accuracy", "format_valid", "searches_per_question", "mean_turns")
@@ -378,6 +380,7 @@ def write_report(
         "stage_seconds": stages.durations,
         "answer_coverage": json.loads(sets.coverage_json.read_text(encoding="utf-8")) if sets is not None else None,
         "endpoints": endpoints,
+        "service_restarts": dict(restarts or {}),
     }
     (report / "report.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     import csv
@@ -435,6 +438,12 @@ def write_report(
         )
     if sets is not None:
         md += ["", sets.coverage_md.read_text(encoding="utf-8").replace("# Answer coverage", "## Answer coverage")]
+    crashed = {k: v for k, v in (restarts or {}).items() if v}
+    md += [
+        "",
+        "Service restarts during the run (the supervisor restarts a crashed service): "
+        + (", ".join(f"{k} {v}" for k, v in sorted(crashed.items())) if crashed else "none"),
+    ]
     md += ["", "## Training", "", "![curves](curves.png)", ""]
     cols = [
         ("reward/mean", "reward"),
@@ -622,7 +631,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         stages.start("write the report")
         data = write_report(
-            a, a.out / "report", before, after, history, result, stages, endpoints, mlflow_uri, sets=sets
+            a,
+            a.out / "report",
+            before,
+            after,
+            history,
+            result,
+            stages,
+            endpoints,
+            mlflow_uri,
+            sets=sets,
+            restarts=dict(sup.restarts) if sup is not None else None,
         )
         stages.done()
         stages.say((a.out / "report" / "report.md").read_text())

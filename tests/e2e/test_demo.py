@@ -30,6 +30,10 @@ def test_tiny_demo_report_matches_mlflow_and_resumes(tmp_path: Path) -> None:
     assert report["stopped_by"] is None and report["guard_events"] == [], report["guard_events"]
     assert all("rollout/search_failures" in h for h in report["training"])
     assert (out / "report" / "report.md").exists() and (out / "report" / "curves.png").stat().st_size > 0
+    # #17: the report counts the supervisor's restarts of each service (none in a healthy run)
+    assert set(report["service_restarts"]) >= {"retriever", "policy", "reward"}
+    assert not any(report["service_restarts"].values()), report["service_restarts"]
+    assert "Service restarts during the run" in (out / "report" / "report.md").read_text()
 
     import mlflow
 
