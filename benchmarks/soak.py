@@ -2,11 +2,13 @@
 
 For each service in turn - ``reward``, ``retriever`` (its gRPC API and its Search-R1 HTTP API ``POST /retrieve``,
 reported as the rows ``retriever-grpc`` and ``retriever-http``), ``simulator``, ``policy`` - the script starts the
-real server (:class:`searchrl.testing.ServiceProcess`, free loopback ports, ``--max-concurrent-rpcs`` set so that
-admission control is in the path), runs ``--clients`` concurrent callers (each with one call in flight at a time) for a
-warm-up that is not counted - ``--warmup`` seconds, and at least until every caller has finished one call, so the slow
-first calls of a cold model are never counted - then for a window of ``--duration`` seconds in which every call that
-ends counts, and stops the server before the next one starts (one server at a time: the machine may have 2 cores).
+real server (:class:`searchrl.testing.ServiceProcess`: free loopback ports; the CPU flags of
+``tests/serving/test_fuzz.py``; ``--max-concurrent-rpcs`` set, so admission control is in the path), runs
+``--clients`` concurrent callers, each with one call in flight at a time, and stops the server before the next one
+starts (one server at a time: the machine may have 2 cores). Per row, a warm-up that is not counted - ``--warmup``
+seconds, and at least until every caller has finished one call, so the slow first calls of a cold model never count -
+then a window of ``--duration`` seconds in which every call that ends counts (extended, by at most the deadline, until
+one call has succeeded: a service slower than a short window still reports a latency).
 
 Requests are realistic: questions and gold answers of the bundled QA subsets (``data/benchmarks``: NQ, TriviaQA,
 PopQA, HotpotQA, 2Wiki, MuSiQue, Bamboogle) as retriever / simulator queries and as policy prompts (the
@@ -17,24 +19,33 @@ summaries cut to 100 words, as Search-R1's wiki-18 passages are (``ovos-skill-wi
 that package is missing), built once per run into a temporary folder with ``searchrl index build`` (1-2 minutes on 2
 cores; ``--index-dir`` serves an index already built instead).
 
-Measured per row: requests completed in the window, errors by gRPC status name (``HTTP <code>`` for the HTTP API,
-``BAD_RESPONSE`` for a reply of the wrong shape, the exception name for a client-side failure), q/s, p50 / p99
-latency of the successful calls, and the server's RSS (``VmRSS``) and open file descriptors (``/proc/<pid>/fd``) at
-the start of the window (after the warm-up) and at its end.
+Admission limits (``--max-concurrent-rpcs``): 64 for reward and retriever (above the 32 callers: nothing is turned
+away), 4 for the simulator and 8 for the policy. The generation services decode about one batch at a time on a CPU,
+so more callers would only queue past the deadline (32 policy callers wait ~30 s each); admission control answers the
+callers beyond the limit with RESOURCE_EXHAUSTED at once, and they retry with exponential backoff (50 ms doubling to
+1 s, with jitter), as the server's message asks. ``--max-concurrent-rpcs 64`` sets one limit for every service;
+``--max-concurrent-rpcs policy=16`` overrides one.
+
+Measured per row: the warm-up it took, requests that ended in the window, errors by gRPC status name (``HTTP <code>``
+for the HTTP API, ``BAD_RESPONSE`` for a reply of the wrong shape, the exception name for a client-side failure), q/s
+(successful calls per second of the window), p50 / p99 latency of the successful calls, and the server's RSS
+(``VmRSS``) and open file descriptors (``/proc/<pid>/fd``) at the start of the window (after the warm-up) and at its
+end, both read while the callers are in flight.
 
 Targets, each printed PASS / FAIL (exit code 1 when any fails):
 
+* at least one successful call in the window;
 * errors: none other than RESOURCE_EXHAUSTED (admission control's answer when more than ``--max-concurrent-rpcs``
   calls are in flight);
 * memory: RSS grows < 10% from the start to the end of the window;
 * file descriptors: no growth, with a slack of +8 (connections and files the runtime opens lazily);
 * latency: p99 below a bound per row - reward 1,000 ms, retriever-grpc / retriever-http 2,000 ms, simulator
-  20,000 ms, policy 20,000 ms (the last two generate text with a 135M model on the CPU: every caller waits for the
-  batches ahead of it). ``--p99-bound-ms 5000`` sets one bound for every row; ``--p99-bound-ms policy=30000,reward=500``
-  overrides some;
+  20,000 ms, policy 20,000 ms (the last two generate text with SmolLM2-135M on one CPU thread: an admitted call waits
+  for the batch it joins, several seconds on 2 busy cores). ``--p99-bound-ms 5000`` sets one bound for every row;
+  ``--p99-bound-ms policy=30000,reward=500`` overrides some;
 * the server still answers its health check with SERVING at the end.
 
-Run (defaults: 32 clients, 60 s per row after a warm-up of at least 5 s; about 8 minutes in all, with the index build
+Run (defaults: 32 clients, 60 s per row after a warm-up of at least 5 s; about 8-9 minutes in all, with the index build
 and the model loads)::
 
     .venv/bin/python benchmarks/soak.py
@@ -361,13 +372,16 @@ class Row:
 async def soak(name: str, call: Call, pid: int, args: argparse.Namespace) -> Row:
     """``args.clients`` callers of ``call``, each with one call in flight at a time: a warm-up of ``args.warmup`` s that
     also lasts until every caller has finished one call (the cold first calls of a slow service are never counted),
-    then a window of ``args.duration`` s in which every call that ends counts; the callers are cancelled at its end."""
+    then a window of ``args.duration`` s in which every call that ends counts - longer (by at most ``args.deadline_s``)
+    when no call has succeeded in it yet, so a service slower than the window still reports a latency. The callers
+    are cancelled at its end."""
     row = Row(name=name, clients=args.clients)
     window = [float("inf"), float("inf")]
     latencies: list[float] = []
     codes: collections.Counter[str] = collections.Counter()
     warmed: set[int] = set()
     all_warm = asyncio.Event()
+    one_ok = asyncio.Event()
 
     async def caller(k: int) -> None:
         i = k
@@ -381,6 +395,7 @@ async def soak(name: str, call: Call, pid: int, args: argparse.Namespace) -> Row
                 codes[code] += 1
                 if code == "OK":
                     latencies.append(t1 - t0)
+                    one_ok.set()
             if k not in warmed:
                 warmed.add(k)
                 if len(warmed) == args.clients:
@@ -400,12 +415,15 @@ async def soak(name: str, call: Call, pid: int, args: argparse.Namespace) -> Row
             await asyncio.wait_for(all_warm.wait(), timeout=args.deadline_s + 5)
         row.rss_start_mb, row.fds_start = rss_mb(pid), open_fds(pid)
         window[0] = time.perf_counter()
-        window[1] = window[0] + args.duration
         row.warmup_s = window[0] - started
         await asyncio.sleep(args.duration)
+        if not one_ok.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(one_ok.wait(), timeout=args.deadline_s)
+        window[1] = time.perf_counter()  # calls that end from now on do not count
+        row.seconds = window[1] - window[0]
         # read while the callers are still in flight, as at the start: both ends see the same load
         row.rss_end_mb, row.fds_end = rss_mb(pid), open_fds(pid)
-        row.seconds = time.perf_counter() - window[0]
     finally:
         for t in tasks:
             t.cancel()
@@ -417,7 +435,7 @@ async def soak(name: str, call: Call, pid: int, args: argparse.Namespace) -> Row
     row.requests = sum(codes.values())
     row.ok = codes["OK"]
     row.errors = {k: v for k, v in codes.most_common() if k != "OK"}
-    row.qps = row.ok / args.duration
+    row.qps = row.ok / row.seconds
     row.p50_ms = percentile(latencies, 50) * 1000
     row.p99_ms = percentile(latencies, 99) * 1000
     return row
@@ -442,8 +460,9 @@ def server_args(
         return [*common, "--index-dir", str(index_dir), "--torch-threads", "1"]
     if service == "simulator":
         # one generation round of <= 32 tokens per request (no retry rounds for short documents): ~3 s on 1 core
-        return [*common, "--engine", "transformers", "--max-tokens", "32", "--tokens-per-doc", "10", "--max-retries",
-                "0", "--top-k", str(TOP_K), "--max-top-k", str(TOP_K), "--max-batch", "4", "--torch-threads", "1"]  # fmt: skip
+        return [*common, "--engine", "transformers", "--max-tokens", "32", "--tokens-per-doc", "10",
+                "--max-retries", "0", "--top-k", str(TOP_K), "--max-top-k", str(TOP_K), "--max-batch", "4",
+                "--torch-threads", "1"]  # fmt: skip
     if service == "policy":
         return [*common, "--max-new-tokens", str(POLICY_NEW_TOKENS), "--max-n", "2", "--max-batch-size", "8",
                 "--torch-threads", "1", "--max-prompt-tokens", "1024", "--search-backend", "none",
@@ -484,7 +503,7 @@ async def soak_service(
             row.serving_at_end = proc.proc.poll() is None and await serving(channel)
             rows.append(row)
     finally:
-        await channel.close()
+        await channel.close(None)
         proc.stop()
         if not [r for r in rows if r.failure or not r.serving_at_end]:
             proc.log_path.unlink(missing_ok=True)
@@ -565,7 +584,7 @@ def targets(rows: list[Row], bounds: dict[str, float]) -> list[dict[str, Any]]:
             add(r, "ran", r.failure, False)
             continue
         bad = {k: v for k, v in r.errors.items() if k not in ALLOWED_ERRORS}
-        add(r, "requests > 0", f"{r.requests:,}", r.ok > 0)
+        add(r, "successful calls > 0", f"{r.ok:,} of {r.requests:,}", r.ok > 0)
         add(r, "no errors but RESOURCE_EXHAUSTED", _fmt_errors(bad) if bad else "none", not bad)
         growth = (r.rss_end_mb - r.rss_start_mb) / r.rss_start_mb if r.rss_start_mb > 0 else float("nan")
         add(
