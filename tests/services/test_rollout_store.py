@@ -186,6 +186,40 @@ async def test_redis_down_raises_unavailable() -> None:
             await store.length()
 
 
+async def test_a_batch_published_while_redis_restarts_lands_once_and_whole(tmp_path: Path) -> None:
+    """#17: the trainer publishes each step's batch with ``retry_s``: Redis SIGKILLed (AOF on) and restarted on the
+    same port a second later; the batch lands once, all of it, and survives another kill (appendfsync always)."""
+    from searchrl.serving.process import start_redis, stop_process_group
+
+    port = free_port()
+    (tmp_path / "redis").mkdir()
+    proc, url = start_redis(port, tmp_path / "redis", appendfsync="always")
+    batch = [trajectory(i) for i in range(20)]
+    try:
+        async with RolloutStore(url, "s", connect_timeout_s=1) as store:
+            await store.add_many([trajectory(100)])
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+            publish = asyncio.ensure_future(store.add_many(batch, retry_s=60))
+            await asyncio.sleep(1.5)
+            assert not publish.done(), "the publish must wait for Redis, not give up"
+            proc, _ = start_redis(port, tmp_path / "redis", appendfsync="always")
+            ids = await asyncio.wait_for(publish, 60)
+            assert len(ids) == 20 and all(ids)
+            assert await store.add_many(batch, dedupe=True) == ids  # already there: nothing written
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        proc, _ = start_redis(port, tmp_path / "redis", appendfsync="always")
+        async with RolloutStore(url, "s", connect_timeout_s=1) as store:
+            got = [t.id async for _entry_id, t in store.iter_all()]
+        assert got == [trajectory(100).id] + [t.id for t in batch]
+    finally:
+        stop_process_group(proc, group=False)
+    async with RolloutStore(url, "s", connect_timeout_s=1) as store:
+        with pytest.raises(Unavailable):  # Redis stays down: the retries end at retry_s
+            await store.add_many(batch, retry_s=1)
+
+
 # ------------------------------------------------------------------------------------------------------------ CLI
 
 

@@ -314,3 +314,81 @@ def test_remote_policy_rollout_store_and_stopping_guard(tmp_path: Path, policy_p
         for t in trajectories:
             assert len(t.response_ids) == len(t.loss_mask) > 0
             assert t.policy_version  # the weights that generated it (the service's initial version here)
+
+
+def test_redis_killed_mid_step_and_trainer_killed_mid_checkpoint_lose_and_repeat_nothing(
+    uninterrupted: tuple[Any, TrainConfig], index_dir: str, tmp_path: Path
+) -> None:
+    """#17 fault test, sync mode, real processes. A `searchrl train` run publishes every step's trajectories to a
+    Redis rollout stream (AOF). Redis is SIGKILLed during step 2 and restarted only once the trainer is retrying its
+    publish; then the trainer itself is SIGKILLed while it writes the step-2 checkpoint. Afterwards: the checkpoint
+    on disk is the complete step 1 (the half-written step 2 is ignored); the resumed run's steps 2-3 have exactly the
+    uninterrupted run's metrics; the stream holds every step's trajectories exactly once (none lost to the outage,
+    none repeated by the re-run of step 2), the same ids as the trainer's record."""
+    from searchrl.services.rollouts.store import RolloutStore
+    from searchrl.serving.process import start_redis, stop_process_group
+    from searchrl.testing import free_port
+    from searchrl.trainer import checkpoint as ckpt
+    from searchrl.trainer.local.trainer import train
+
+    result_a, _cfg_a = uninterrupted
+    port = free_port()
+    (tmp_path / "redis").mkdir()
+    redis, url = start_redis(port, tmp_path / "redis", appendfsync="always")
+    out = tmp_path / "run_f"
+    cfg = _config(out, index_dir, f"logging.rollout_redis_url={url}", "logging.rollout_stream=faults")
+    (tmp_path / "f.yaml").write_text(cfg.to_yaml())
+    log_path = tmp_path / "f.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - closed below
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "searchrl", "train", "--config", str(tmp_path / "f.yaml")],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+
+    def wait_for(what: str, check: Any, timeout_s: float = 900, poll_s: float = 0.2) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not check():
+            assert proc.poll() is None, f"trainer exited waiting for {what}:\n" + log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(poll_s)
+
+    half = cfg.checkpoint_path / "step_000002.tmp"
+    try:
+        wait_for("step 2", lambda: "step 2 started" in log_path.read_text(errors="replace"))
+        os.kill(redis.pid, signal.SIGKILL)
+        redis.wait(10)
+        wait_for("the publish retry", lambda: "retrying the batch of 2" in log_path.read_text(errors="replace"))
+        redis, _ = start_redis(port, tmp_path / "redis", appendfsync="always")
+        wait_for("the step-2 checkpoint write", half.exists, poll_s=0.005)
+        proc.send_signal(signal.SIGKILL)  # mid-write: the folder is still step_000002.tmp
+        assert proc.wait(30) == -signal.SIGKILL
+        assert half.exists() and not (cfg.checkpoint_path / "step_000002").exists()
+        assert (cfg.checkpoint_path / "latest").read_text().strip() == "step_000001"
+        assert [c.step for c in ckpt.list_checkpoints(cfg.checkpoint_path)] == [1]
+
+        resumed = train(cfg, resume=True, handle_signals=False)  # steps 2 and 3 again, from the step-1 checkpoint
+        assert resumed.step == 3 and len(resumed.history) == 2
+        for got_row, want_row in zip(resumed.history, result_a.history[1:], strict=True):
+            for key, value in want_row.items():
+                if not key.startswith(COMPARED_PREFIXES):
+                    continue
+                if key in TIMING_DEPENDENT:
+                    assert abs(got_row[key]) < 1e-4 and abs(value) < 1e-4, key
+                else:
+                    assert got_row[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+
+        async def stream_ids() -> list[str]:
+            async with RolloutStore(url, "faults") as store:
+                return [t.id async for _entry, t in store.iter_all()]
+
+        import asyncio
+
+        ids = asyncio.run(stream_ids())
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+        stop_process_group(redis, group=False)
+    run_id = resumed.run_id
+    assert ids == [f"{run_id}-{s:06d}-{i:04d}" for s in (1, 2, 3) for i in range(2)], ids
+    recorded = [json.loads(x)["id"] for x in (out / "trajectories.jsonl").read_text().splitlines()]
+    assert sorted(set(recorded)) == sorted(ids)

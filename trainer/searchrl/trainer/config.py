@@ -299,6 +299,12 @@ class LoggingConfig(_Strict):
     metrics_host: str = Field("127.0.0.1", description="Address the Prometheus endpoint binds (loopback by default).")
     rollout_redis_url: str | None = Field(None, description="Push finished trajectories to this Redis rollout stream.")
     rollout_stream: str = Field("searchrl:rollouts", description="Redis stream name of the rollout store.")
+    rollout_publish_retry_s: float = Field(
+        60.0,
+        ge=0,
+        description="How long a step keeps retrying to publish its trajectories while Redis is down (backoff with"
+        " jitter; each batch lands once, whole); past it the step goes on and logs what it could not publish.",
+    )
     log_checkpoints_to_mlflow: bool = Field(
         False, description="Also upload each checkpoint's model folder as an MLflow artifact."
     )

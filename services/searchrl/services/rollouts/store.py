@@ -17,8 +17,11 @@ wedge a consumer. Reading without a group: :meth:`~RolloutStore.iter_all`, :meth
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import random
+import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -142,25 +145,63 @@ class RolloutStore:
             )
         return as_str(entry_id)
 
-    async def add_many(self, trajectories: Iterable[rollout_pb2.Trajectory]) -> list[str]:
-        """Appends several trajectories in one pipelined round trip.
+    async def add_many(
+        self, trajectories: Iterable[rollout_pb2.Trajectory], *, retry_s: float = 0.0, dedupe: bool = False
+    ) -> list[str]:
+        """Appends several trajectories in one round trip, atomically (``MULTI``/``EXEC``: all of them or none).
+
+        Args:
+            trajectories: the batch; each needs a unique ``id`` when ``retry_s`` > 0.
+            retry_s: keep retrying for this long while Redis is down (exponential backoff with jitter, 0.2 s to
+                5 s). Before each retry the tail of the stream is searched for the batch's last trajectory id, so a
+                batch whose ``EXEC`` landed but whose reply was lost is not written twice.
+            dedupe: look for the batch in the stream's tail first too, and write nothing when it is there: with
+                deterministic trajectory ids, a step that a resumed trainer runs again is published once.
 
         Returns:
             The entry ids, in order.
 
         Raises:
+            Unavailable: Redis is down (still, after ``retry_s``).
+        """
+        batch = list(trajectories)
+        if not batch:
+            return []
+        deadline = time.monotonic() + retry_s
+        delay = 0.2
+        ids = [t.id for t in batch]
+        look_first = dedupe  # after a failed attempt, always: its EXEC may have landed with the reply lost
+        while True:
+            try:
+                if look_first and (landed := await self._find_tail_ids(ids, tail=10 * len(batch) + 100)):
+                    return landed
+                look_first = True
+                pipe = self._client.pipeline(transaction=True)
+                for trajectory in batch:
+                    pipe.xadd(self.stream, self._fields(trajectory), maxlen=self.maxlen, approximate=self._approx)
+                with redis_unavailable(f"XADD to {self.stream!r}"):
+                    return [as_str(i) for i in await pipe.execute()]
+            except Unavailable as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("%s; retrying the batch of %d for %.0f s more", exc, len(batch),
+                            deadline - time.monotonic())  # fmt: skip
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, 5.0)
+
+    async def _find_tail_ids(self, trajectory_ids: list[str], tail: int) -> list[str] | None:
+        """The entry ids of ``trajectory_ids`` when the last of them is among the stream's last ``tail`` entries
+        (an atomic batch is there whole or not at all), else None.
+
+        Raises:
             Unavailable: Redis is down.
         """
-        pipe = self._client.pipeline(transaction=False)
-        n = 0
-        for trajectory in trajectories:
-            pipe.xadd(self.stream, self._fields(trajectory), maxlen=self.maxlen, approximate=self._approx)
-            n += 1
-        if not n:
-            return []
-        with redis_unavailable(f"XADD to {self.stream!r}"):
-            ids = await pipe.execute()
-        return [as_str(i) for i in ids]
+        with redis_unavailable(f"XREVRANGE {self.stream!r}"):
+            entries = await self._client.xrevrange(self.stream, count=tail)
+        by_id = {as_str(fields.get(b"id", b"")): as_str(entry_id) for entry_id, fields in entries}
+        if trajectory_ids[-1] not in by_id:
+            return None
+        return [by_id.get(t, "") for t in trajectory_ids]
 
     async def ensure_group(self, start_id: str = "0") -> bool:
         """Creates the consumer group (and the stream) unless it exists.

@@ -98,7 +98,7 @@ async def open_search_backend(search: SearchConfig, seed: int) -> Any:
         training=True,
         seed=seed,
         timeout_s=search.timeout_s,
-        options=ChannelOptions.from_env(),
+        options=ChannelOptions.from_env(wait_for_ready=True),  # a restarting search service delays, not fails, searches
         inprocess=inprocess,
         added_latency_s=search.added_latency_s,
     )
@@ -108,8 +108,9 @@ async def open_search_backend(search: SearchConfig, seed: int) -> Any:
 def policy_channel_options() -> ChannelOptions:
     """Options of the trainer's and the rollout workers' PolicyService client: TLS and token from the environment
     (:meth:`~searchrl.client.base.ChannelOptions.from_env`; the admin token when one is set, since the trainer
-    loads its checkpoints into the policy), a 600 s deadline (episodes are long on CPU)."""
-    return ChannelOptions.from_env(admin=True, timeout_s=600.0)
+    loads its checkpoints into the policy), a 600 s deadline (episodes are long on CPU) within which a call waits for a
+    restarting PolicyService (wait-for-ready) rather than failing."""
+    return ChannelOptions.from_env(admin=True, timeout_s=600.0, wait_for_ready=True)
 
 
 class LocalTrainer:
@@ -357,6 +358,12 @@ class LocalTrainer:
         )
 
     async def _publish(self, step: int, episodes: Sequence[Any], scores: Sequence[Any]) -> None:
+        """Appends the step's trajectories to the rollout log (``logging.rollout_redis_url``), once: in sync mode the
+        ids are ``<MLflow run id>-<step>-<index>``, the same when a resumed run samples the step again, and the store
+        skips a batch already in the stream."""
+        if self.feed is None and self.run is not None:
+            for i, ep in enumerate(episodes):
+                ep.id = f"{self.run.run_id}-{step:06d}-{i:04d}"
         if self._rollout_store is None:
             return
         msgs = []
@@ -364,7 +371,7 @@ class LocalTrainer:
             ep.policy_version = ep.policy_version or f"step-{step - 1}"
             msgs.append(ep.to_proto(reward=s.reward, group_index=i // self.config.data.group_size))
         try:
-            await self._rollout_store.add_many(msgs)
+            await self._rollout_store.add_many(msgs, retry_s=self.config.logging.rollout_publish_retry_s, dedupe=True)
         except Exception as exc:  # noqa: BLE001 - a down Redis must not stop training
             log.warning("could not push %d trajectories to the rollout store: %s", len(msgs), exc)
 
