@@ -24,6 +24,7 @@ def service_config_json(
     initial_backoff_s: float = 0.1,
     max_backoff_s: float = 5.0,
     lb_policy: str = "round_robin",
+    wait_for_ready: bool = False,
 ) -> str:
     """gRPC service config (JSON): per-call load balancing, and retries of the idempotent methods only.
 
@@ -37,6 +38,9 @@ def service_config_json(
         max_attempts: total attempts including the first (gRPC caps this at 5).
         initial_backoff_s: first backoff bound, in seconds; it doubles per attempt up to ``max_backoff_s``.
         lb_policy: ``round_robin`` (one sub-channel per resolved address) or ``pick_first``.
+        wait_for_ready: the retried methods wait for the server to become reachable (gRPC wait-for-ready) within
+            their deadline instead of failing at once while it is down: a service that restarts faster than the
+            call's deadline is not noticed by the caller.
     """
     names = [{"service": s, "method": m} for s in service_names for m in retryable_methods(s)]
     method_config = [
@@ -49,6 +53,7 @@ def service_config_json(
                 "backoffMultiplier": 2,
                 "retryableStatusCodes": list(DEFAULT_RETRY_CODES),
             },
+            **({"waitForReady": True} if wait_for_ready else {}),
         }
     ]
     return json.dumps({"loadBalancingConfig": [{lb_policy: {}}], "methodConfig": method_config if names else []})
@@ -64,6 +69,9 @@ class ChannelOptions:
         tls: use TLS; ``root_ca``/``client_cert``/``client_key`` are PEM bytes (``None``: system roots / no mTLS).
         max_message_mb: message-size limit, MiB.
         max_attempts: attempts of an idempotent call on UNAVAILABLE / RESOURCE_EXHAUSTED (backoff with jitter).
+        wait_for_ready: idempotent calls wait (within their deadline) for a server that is down or restarting
+            instead of failing at once (:func:`service_config_json`); for clients that would rather wait than fail,
+            such as a trainer's search and policy channels.
     """
 
     timeout_s: float = 30.0
@@ -74,6 +82,7 @@ class ChannelOptions:
     client_key: bytes | None = None
     max_message_mb: int = 64
     max_attempts: int = 5
+    wait_for_ready: bool = False
     extra: list[tuple[str, Any]] = field(default_factory=list)
 
     @classmethod
@@ -146,7 +155,10 @@ def make_channel(target: str, service_names: list[str], options: ChannelOptions 
     o = options or ChannelOptions()
     mb = o.max_message_mb * 1024 * 1024
     chan_opts: list[tuple[str, Any]] = [
-        ("grpc.service_config", service_config_json(service_names, max_attempts=o.max_attempts)),
+        (
+            "grpc.service_config",
+            service_config_json(service_names, max_attempts=o.max_attempts, wait_for_ready=o.wait_for_ready),
+        ),
         ("grpc.enable_retries", 1),
         ("grpc.max_send_message_length", mb),
         ("grpc.max_receive_message_length", mb),

@@ -392,3 +392,60 @@ def test_redis_killed_mid_step_and_trainer_killed_mid_checkpoint_lose_and_repeat
     assert ids == [f"{run_id}-{s:06d}-{i:04d}" for s in (1, 2, 3) for i in range(2)], ids
     recorded = [json.loads(x)["id"] for x in (out / "trajectories.jsonl").read_text().splitlines()]
     assert sorted(set(recorded)) == sorted(ids)
+
+
+def test_search_service_killed_mid_rollout_is_restarted_and_the_episodes_do_not_notice(
+    index_dir: str, tmp_path: Path
+) -> None:
+    """#17 fault test, sync mode: every episode searches first (the demo's response prefix) a real retriever service
+    that `searchrl up`'s supervisor runs over the same index as an in-process baseline run. The retriever is
+    SIGKILLed as step 2 starts; the supervisor restarts it, and the trainer's search calls wait for it (gRPC
+    wait-for-ready, within rollout.search.timeout_s) instead of failing: no failed search, the metrics of both steps
+    equal the baseline's, and the supervisor counted the restart."""
+    from searchrl.stack import StackConfig, start_stack
+    from searchrl.trainer.local.trainer import train
+
+    forced = [
+        "trainer.max_steps=2",
+        "rollout.agent.max_response_tokens=320",
+        "rollout.agent.response_prefix=<think> I need to search for this. </think>\n<search> {question} </search>",
+    ]
+    baseline = train(_config(tmp_path / "base", index_dir, *forced), resume=False, handle_signals=False)
+    assert all(h["rollout/searches_per_episode"] >= 1 for h in baseline.history), "the episodes must search"
+    sup, endpoints = start_stack(
+        StackConfig(state_dir=str(tmp_path / "stack"), services=("retriever",), index_dir=index_dir),
+        progress=lambda _m: None,
+    )
+    killed: list[int] = []
+
+    def kill_the_retriever(step: int, _metrics: dict[str, float]) -> None:
+        if step == 1:  # step 2 starts as this returns
+            killed.append(sup.procs["retriever"].pid)
+            os.kill(killed[-1], signal.SIGKILL)
+
+    try:
+        remote = [
+            *forced,
+            "rollout.search.backend=retriever",
+            f"rollout.search.retriever_target={endpoints['retriever']}",
+        ]
+        result = train(
+            _config(tmp_path / "run_r", index_dir, *remote),
+            resume=False,
+            progress=kill_the_retriever,
+            handle_signals=False,
+        )
+        restarts = sup.restarts["retriever"]
+        restarted = sup.procs["retriever"].pid
+    finally:
+        sup.stop()
+    assert killed and restarts == 1 and restarted != killed[0], (killed, restarts, restarted)
+    assert result.step == 2
+    assert [h["rollout/search_failures"] for h in result.history] == [0.0, 0.0]
+    # The service caches searches in the stack's Redis (a group's samples ask the same question); in-process search
+    # has no cache. Everything else is the baseline's.
+    backend_only = {"rollout/search_cache_hit_rate"}
+    for got_row, want_row in zip(result.history, baseline.history, strict=True):
+        for key, value in want_row.items():
+            if key.startswith(COMPARED_PREFIXES) and key not in TIMING_DEPENDENT | backend_only:
+                assert got_row[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
