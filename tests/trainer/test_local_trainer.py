@@ -449,3 +449,47 @@ def test_search_service_killed_mid_rollout_is_restarted_and_the_episodes_do_not_
         for key, value in want_row.items():
             if key.startswith(COMPARED_PREFIXES) and key not in TIMING_DEPENDENT | backend_only:
                 assert got_row[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+
+
+def test_policy_service_killed_mid_rollout_is_restarted_and_serves_the_run_s_weights_again(
+    index_dir: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """#17 fault test, sync mode, rollout.engine=remote: the PolicyService that `searchrl up`'s supervisor runs is
+    SIGKILLed as step 2 starts. It comes back with its start-up model; the trainer's Generate calls wait for it
+    (wait-for-ready), see the wrong policy version, load the run's step-1 weights into it again and repeat the call.
+    The run's metrics equal a run on the same service without the kill, and the reload happened."""
+    from searchrl.stack import StackConfig, start_stack
+    from searchrl.trainer.local.trainer import train
+
+    sup, endpoints = start_stack(
+        StackConfig(state_dir=str(tmp_path / "stack"), services=("policy",), weights_roots=(str(tmp_path),)),
+        progress=lambda _m: None,
+    )
+    remote = ["trainer.max_steps=2", "rollout.engine=remote", f"rollout.policy_target={endpoints['policy']}"]
+    killed: list[int] = []
+
+    def kill_the_policy(step: int, _metrics: dict[str, float]) -> None:
+        if step == 1:  # step 2 starts as this returns
+            killed.append(sup.procs["policy"].pid)
+            os.kill(killed[-1], signal.SIGKILL)
+
+    try:
+        baseline = train(_config(tmp_path / "base", index_dir, *remote), resume=False, handle_signals=False)
+        with caplog.at_level("WARNING", logger="searchrl.policy.remote"):
+            result = train(
+                _config(tmp_path / "run_p", index_dir, *remote),
+                resume=False,
+                progress=kill_the_policy,
+                handle_signals=False,
+            )
+        restarts = sup.restarts["policy"]
+    finally:
+        sup.stop()
+    assert killed and restarts == 1, (killed, restarts)
+    reloads = [r.getMessage() for r in caplog.records if "loading" in r.getMessage()]
+    assert len(reloads) == 1 and "instead of 'step-1'" in reloads[0], reloads
+    assert result.step == 2
+    for got_row, want_row in zip(result.history, baseline.history, strict=True):
+        for key, value in want_row.items():
+            if key.startswith(COMPARED_PREFIXES) and key not in TIMING_DEPENDENT:
+                assert got_row[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key

@@ -282,10 +282,15 @@ class LocalTrainer:
 
             self._policy_client = PolicyClient(cfg.rollout.policy_target, policy_channel_options())
             self._generator = RemotePolicyBackend(self._policy_client, self.tokenizer)
-            if self.step > 0 and self.last_checkpoint is not None and cfg.rollout.mode == "sync":
-                await self._policy_client.load_weights(
-                    str(self.last_checkpoint.model_path), policy_version=f"step-{self.step}", timeout_s=600
-                )
+            if cfg.rollout.mode == "sync":
+                # The service serves exactly this run's weights from the first episode on (it may hold another
+                # run's, or restart later with its start-up model: the backend then loads these again).
+                if self.step > 0 and self.last_checkpoint is not None:
+                    pinned = (f"step-{self.step}", str(self.last_checkpoint.model_path))
+                else:
+                    pinned = (f"step-{self.step}", str(self._save_live_weights()))
+                await self._policy_client.load_weights(pinned[1], policy_version=pinned[0], timeout_s=600)
+                self._generator.pinned = pinned
         if cfg.rollout.mode == "async":
             from searchrl.services.rollouts.queue import RolloutQueue
             from searchrl.trainer.local.stream import GroupFeed
@@ -495,6 +500,8 @@ class LocalTrainer:
             if self.feed is not None:
                 self.feed.advance(version)
                 self._loop.run_until_complete(self.feed.queue.set_policy_version(version))
+            else:  # sync: every episode of the next step must come from these weights, even after a policy restart
+                self._generator.pinned = (version, str(weights))
             metrics["time/weight_sync_s"] = time.perf_counter() - t4
         self._loop.run_until_complete(self._publish(step, episodes, scores))
         metrics.update(stream)
