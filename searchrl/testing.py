@@ -14,11 +14,18 @@ import subprocess
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from searchrl.serving.process import free_port, serve_command, start_redis, stop_process_group, wait_for_health
 
-__all__ = ["ServiceProcess", "free_port", "redis_server", "self_signed_certificate", "wait_for_health"]
+__all__ = [
+    "CertAuthority",
+    "ServiceProcess",
+    "free_port",
+    "redis_server",
+    "self_signed_certificate",
+    "wait_for_health",
+]
 
 
 class ServiceProcess:
@@ -154,8 +161,130 @@ def redis_server(password: str | None = None) -> Iterator[str]:
             stop_process_group(proc, 10, group=False)
 
 
+class CertAuthority:
+    """A throwaway CA (``cryptography``) that issues server and client certificates, as a cert-manager CA Issuer
+    would; valid from 5 minutes ago for one day.
+
+    Args:
+        name: the CA's common name.
+    """
+
+    def __init__(self, name: str = "searchrl test CA") -> None:
+        import datetime
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        self._now = datetime.datetime.now(datetime.timezone.utc)
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        self.cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(self._now - datetime.timedelta(minutes=5))
+            .not_valid_after(self._now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True, content_commitment=False, key_encipherment=False,
+                    data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                    encipher_only=False, decipher_only=False,
+                ),
+                critical=True,
+            )
+            .sign(self.key, hashes.SHA256())
+        )  # fmt: skip
+
+    @staticmethod
+    def _sans(names: list[str]) -> Any:
+        import ipaddress
+
+        from cryptography import x509
+
+        out: list[Any] = []
+        for n in names:
+            try:
+                out.append(x509.IPAddress(ipaddress.ip_address(n)))
+            except ValueError:
+                out.append(x509.DNSName(n))
+        return x509.SubjectAlternativeName(out)
+
+    @staticmethod
+    def _pem(cert: Any, key: Any) -> tuple[bytes, bytes]:
+        from cryptography.hazmat.primitives import serialization
+
+        return (
+            cert.public_bytes(serialization.Encoding.PEM),
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ),
+        )
+
+    @property
+    def pem(self) -> bytes:
+        """The CA certificate, PEM: what clients trust (a cert-manager Secret's ``ca.crt``)."""
+        return self._pem(self.cert, self.key)[0]
+
+    def issue(self, names: list[str]) -> tuple[bytes, bytes]:
+        """``(tls.crt, tls.key)`` PEM of a leaf certificate for ``names`` (DNS or IP SANs) signed by this CA."""
+        import datetime
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(self._now - datetime.timedelta(minutes=5))
+            .not_valid_after(self._now + datetime.timedelta(days=1))
+            .add_extension(self._sans(names), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                critical=False,
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+        return self._pem(cert, key)
+
+    @classmethod
+    def self_signed(cls, names: list[str]) -> tuple[bytes, bytes]:
+        """``(tls.crt, tls.key)`` of a self-signed server certificate for ``names`` (what `openssl req -x509` makes)."""
+        ca = cls(names[0])
+        import datetime
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes
+
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(ca.cert.subject)
+            .issuer_name(ca.cert.subject)
+            .public_key(ca.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(ca._now - datetime.timedelta(minutes=5))
+            .not_valid_after(ca._now + datetime.timedelta(days=1))
+            .add_extension(cls._sans(names), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(ca.key, hashes.SHA256())
+        )
+        return cls._pem(cert, ca.key)
+
+
 def self_signed_certificate(folder: Path, hosts: Sequence[str] = ("localhost", "127.0.0.1")) -> tuple[Path, Path]:
-    """Writes ``tls.crt`` and ``tls.key`` (PEM) of a self-signed CA certificate valid for ``hosts`` into ``folder``.
+    """Writes ``tls.crt`` and ``tls.key`` (PEM) of a self-signed CA certificate valid for ``hosts`` into ``folder``
+    (:meth:`CertAuthority.self_signed`).
 
     The certificate is its own CA, so clients trust it with ``root_ca=tls.crt`` (``SEARCHRL_TLS_CA_FILE``). Names that
     parse as IP addresses become IP SANs, the others DNS SANs. Valid from 5 minutes ago for one day.
@@ -163,38 +292,8 @@ def self_signed_certificate(folder: Path, hosts: Sequence[str] = ("localhost", "
     Returns:
         ``(certificate path, key path)``.
     """
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    sans: list[x509.GeneralName] = []
-    for h in hosts:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(h)))
-        except ValueError:
-            sans.append(x509.DNSName(h))
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
+    crt, key = CertAuthority.self_signed(list(hosts))
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "tls.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (folder / "tls.key").write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
+    (folder / "tls.crt").write_bytes(crt)
+    (folder / "tls.key").write_bytes(key)
     return folder / "tls.crt", folder / "tls.key"

@@ -28,6 +28,30 @@ def no_secret_in_any_service_log() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
+def tiny_index(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A flat MiniLM index of 40 generated passages, built once per session by ``searchrl index build`` (for tests
+    that need a retriever to start, not to find anything in particular)."""
+    import json
+    import subprocess
+    import sys
+
+    tmp = tmp_path_factory.mktemp("tiny-index")
+    corpus = tmp / "corpus.jsonl"
+    rows = [
+        {"id": str(i), "contents": f'"Topic {i}"\nA short passage number {i} about subject {i % 7}.'} for i in range(40)
+    ]
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp / "index"
+    proc = subprocess.run(
+        [sys.executable, "-m", "searchrl", "index", "build", "--corpus", str(corpus), "--model", "all-minilm-l6-v2",
+         "--index-type", "flat", "--out", str(out), "--no-progress"],  # fmt: skip
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return out
+
+
+@pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """URL of a real Redis: a local ``redis-server`` on a free port, else a testcontainers Redis when Docker runs."""
     if shutil.which("redis-server"):

@@ -24,6 +24,8 @@ from typing import Any
 import pytest
 import yaml
 
+from searchrl.testing import CertAuthority
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY_ROOT = Path(os.environ.get("SEARCHRL_DEPLOY_ROOT") or ROOT).resolve()
 CHART = DEPLOY_ROOT / "deploy" / "helm" / "searchrl"
@@ -252,121 +254,6 @@ def install_render(tools: dict[str, str], render: Callable[..., list[dict[str, A
     return _install
 
 
-class CertAuthority:
-    """A throwaway CA (``cryptography``) that issues server certificates, as a cert-manager CA Issuer would."""
-
-    def __init__(self, name: str = "searchrl test CA") -> None:
-        import datetime
-
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import NameOID
-
-        self._now = datetime.datetime.now(datetime.timezone.utc)
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        self.cert = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(subject)
-            .public_key(self.key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(self._now - datetime.timedelta(minutes=5))
-            .not_valid_after(self._now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True, content_commitment=False, key_encipherment=False,
-                    data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                    encipher_only=False, decipher_only=False,
-                ),
-                critical=True,
-            )
-            .sign(self.key, hashes.SHA256())
-        )  # fmt: skip
-
-    @staticmethod
-    def _sans(names: list[str]) -> Any:
-        import ipaddress
-
-        from cryptography import x509
-
-        out: list[Any] = []
-        for n in names:
-            try:
-                out.append(x509.IPAddress(ipaddress.ip_address(n)))
-            except ValueError:
-                out.append(x509.DNSName(n))
-        return x509.SubjectAlternativeName(out)
-
-    @staticmethod
-    def _pem(cert: Any, key: Any) -> tuple[bytes, bytes]:
-        from cryptography.hazmat.primitives import serialization
-
-        return (
-            cert.public_bytes(serialization.Encoding.PEM),
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            ),
-        )
-
-    @property
-    def pem(self) -> bytes:
-        return self._pem(self.cert, self.key)[0]
-
-    def issue(self, names: list[str]) -> tuple[bytes, bytes]:
-        """``(tls.crt, tls.key)`` PEM of a leaf certificate for ``names`` (DNS or IP SANs) signed by this CA."""
-        import datetime
-
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
-            .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(self._now - datetime.timedelta(minutes=5))
-            .not_valid_after(self._now + datetime.timedelta(days=1))
-            .add_extension(self._sans(names), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                critical=False,
-            )
-            .sign(self.key, hashes.SHA256())
-        )
-        return self._pem(cert, key)
-
-    @classmethod
-    def self_signed(cls, names: list[str]) -> tuple[bytes, bytes]:
-        """``(tls.crt, tls.key)`` of a self-signed server certificate for ``names`` (what `openssl req -x509` makes)."""
-        ca = cls(names[0])
-        import datetime
-
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes
-
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(ca.cert.subject)
-            .issuer_name(ca.cert.subject)
-            .public_key(ca.key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(ca._now - datetime.timedelta(minutes=5))
-            .not_valid_after(ca._now + datetime.timedelta(days=1))
-            .add_extension(cls._sans(names), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(ca.key, hashes.SHA256())
-        )
-        return cls._pem(cert, ca.key)
-
-
 @pytest.fixture(scope="session")
 def kubectl_secret(tools: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Callable[..., dict[str, Any]]:
     """``kubectl_secret(*args, files={name: bytes}) -> Secret``: ``kubectl create secret ARGS --dry-run=client -o yaml``
@@ -388,21 +275,28 @@ def kubectl_secret(tools: dict[str, str], tmp_path_factory: pytest.TempPathFacto
     return _secret
 
 
-def project_secret(secret: dict[str, Any], folder: Path, items: list[dict[str, str]] | None = None) -> Path:
+def project_secret(
+    secret: dict[str, Any], folder: Path, items: list[dict[str, str]] | None = None, optional: bool = False
+) -> Path:
     """Writes a Secret's keys as files into ``folder``, as kubelet projects a secret volume (``items`` selects and
-    renames keys). Returns ``folder``."""
+    renames keys; a key the Secret lacks fails the mount unless the volume is ``optional``, which skips it).
+    Returns ``folder``."""
     import base64
 
     folder.mkdir(parents=True, exist_ok=True)
     data = secret.get("data") or {}
     for item in items or [{"key": k, "path": k} for k in data]:
+        if item["key"] not in data:
+            if optional:
+                continue
+            raise KeyError(f"Secret {secret['metadata']['name']} has no key {item['key']} (the pod would not start)")
         (folder / item["path"]).write_bytes(base64.b64decode(data[item["key"]]))
     return folder
 
 
 @pytest.fixture(scope="session")
 def certs() -> type[CertAuthority]:
-    """The :class:`CertAuthority` class (test modules cannot import conftest under --import-mode=importlib)."""
+    """:class:`searchrl.testing.CertAuthority` (a throwaway CA that issues certificates)."""
     return CertAuthority
 
 

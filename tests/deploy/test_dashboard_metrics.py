@@ -10,8 +10,6 @@ even before its first observation, so no traffic is needed to compare names. The
 from __future__ import annotations
 
 import importlib.util
-import json
-import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterator
@@ -96,24 +94,8 @@ def scrape(port: int) -> str:
         return resp.read().decode()
 
 
-def _tiny_index(tmp: Path) -> Path:
-    corpus = tmp / "corpus.jsonl"
-    rows = [
-        {"id": str(i), "contents": f'"Topic {i}"\nA short passage number {i} about subject {i % 7}.'} for i in range(40)
-    ]
-    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = tmp / "index"
-    proc = subprocess.run(
-        [sys.executable, "-m", "searchrl", "index", "build", "--corpus", str(corpus), "--model", "all-minilm-l6-v2",
-         "--index-type", "flat", "--out", str(out), "--no-progress"],  # fmt: skip
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return out
-
-
 @pytest.fixture(scope="module")
-def service_metrics(tmp_path_factory) -> Iterator[dict[str, tuple[set[str], dict[str, set[str]]] | str]]:
+def service_metrics(tiny_index) -> Iterator[dict[str, tuple[set[str], dict[str, set[str]]] | str]]:
     """service -> (series, labels) from its live /metrics, or the reason it could not run."""
     out: dict[str, tuple[set[str], dict[str, set[str]]] | str] = {}
     todo: dict[str, list[str]] = {}
@@ -121,7 +103,7 @@ def service_metrics(tmp_path_factory) -> Iterator[dict[str, tuple[set[str], dict
         if importlib.util.find_spec(module) is None:
             out[svc] = f"{module} does not exist yet"
         elif svc == "retriever":
-            todo[svc] = ["--index-dir", str(_tiny_index(tmp_path_factory.mktemp("retriever"))), "--http-port", "-1"]
+            todo[svc] = ["--index-dir", str(tiny_index), "--http-port", "-1"]
         else:
             todo[svc] = []
     # Start them side by side: each spends most of its start-up loading a model.

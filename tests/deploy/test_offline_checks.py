@@ -370,7 +370,9 @@ async def test_c13_policy_searches_reach_a_tls_and_token_retriever(
         src = vols[m["name"]].get("secret")
         if src:
             secret = {"searchrl-tls": tls_secret, "searchrl-auth": auth_secret}[src["secretName"]]
-            mounts[m["mountPath"]] = projected(secret, tmp_path / m["name"], src.get("items"))
+            mounts[m["mountPath"]] = projected(
+                secret, tmp_path / m["name"], src.get("items"), src.get("optional", False)
+            )
     env = {k: remap(v, mounts) for k, v in container_env(c, {}).items() if isinstance(v, str)}
     env["SEARCHRL_POLICY_RETRIEVER_TARGET"] = secure_retriever["target"]
     env.pop("SEARCHRL_POLICY_SIMULATOR_TARGET", None)

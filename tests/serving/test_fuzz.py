@@ -20,10 +20,7 @@ prints the requests sent and the statuses seen per service (``SEARCHRL_FUZZ_BIG=
 from __future__ import annotations
 
 import collections
-import json
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -176,20 +173,6 @@ def payloads(draw: st.DrawFn, desc: Descriptor) -> tuple[str, bytes]:
     return "message", raw
 
 
-def _tiny_index(tmp: Path) -> Path:
-    corpus = tmp / "corpus.jsonl"
-    rows = [{"id": str(i), "contents": f'"Topic {i}"\nA passage number {i} about subject {i % 7}.'} for i in range(40)]
-    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = tmp / "index"
-    proc = subprocess.run(
-        [sys.executable, "-m", "searchrl", "index", "build", "--corpus", str(corpus), "--model", "all-minilm-l6-v2",
-         "--index-type", "flat", "--out", str(out), "--no-progress"],  # fmt: skip
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return out
-
-
 def _rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -198,12 +181,12 @@ def _rss_mb(pid: int) -> float:
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServiceProcess]]:
+def servers(tmp_path_factory: pytest.TempPathFactory, tiny_index: Path) -> Iterator[dict[str, ServiceProcess]]:
     tmp = tmp_path_factory.mktemp("fuzz")
     (tmp / "roots").mkdir()
     args = {
         "reward": [],
-        "retriever": ["--index-dir", str(_tiny_index(tmp)), "--http-port", "-1"],
+        "retriever": ["--index-dir", str(tiny_index), "--http-port", "-1"],
         "simulator": [
             "--engine",
             "transformers",
