@@ -11,7 +11,7 @@ process stays alive and healthy, its memory bounded.
 ``make test`` runs a small number per method (``SEARCHRL_FUZZ_EXAMPLES``, default 15, twice: a warm-up pass and a pass that must not grow memory). The long run (>= 10,000
 requests per service)::
 
-    SEARCHRL_FUZZ_EXAMPLES=5000 SEARCHRL_FUZZ_BIG=1 .venv/bin/python -m pytest tests/serving/test_fuzz.py -p no:randomly -s
+    SEARCHRL_FUZZ_EXAMPLES=5000 SEARCHRL_FUZZ_BIG=1 .venv/bin/python -m pytest tests/serving/test_fuzz.py -p no:randomly -s --timeout 0
 
 prints the requests sent and the statuses seen per service (``SEARCHRL_FUZZ_BIG=1`` adds 10 MB strings and
 100,000-element repeated fields).

@@ -15,7 +15,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from searchrl.errors import InvalidRequest
+from searchrl.errors import InvalidRequest, SearchRLError
 
 
 def _print_fields() -> None:
@@ -88,6 +88,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InvalidRequest as exc:
         print(f"searchrl train: {exc}", file=sys.stderr)
         return 2
+    except SearchRLError as exc:  # a dependency failed (Redis, a service): the checkpoint on disk is complete
+        print(
+            f"searchrl train: {exc}\nThe last complete checkpoint is on disk: fix the cause and run the same command "
+            "to resume from it.",
+            file=sys.stderr,
+        )
+        return 1
     stop = f", stopped by {result.stopped_by}" if result.stopped_by else ""
     console.print(
         f"done at step {result.step}{stop}; checkpoint {result.checkpoint}; MLflow run {result.run_id} ({result.tracking_uri})"
