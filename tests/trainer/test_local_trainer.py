@@ -394,102 +394,67 @@ def test_redis_killed_mid_step_and_trainer_killed_mid_checkpoint_lose_and_repeat
     assert sorted(set(recorded)) == sorted(ids)
 
 
-def test_search_service_killed_mid_rollout_is_restarted_and_the_episodes_do_not_notice(
-    index_dir: str, tmp_path: Path
+def test_search_and_policy_services_killed_mid_rollout_are_restarted_and_the_run_does_not_notice(
+    index_dir: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """#17 fault test, sync mode: every episode searches first (the demo's response prefix) a real retriever service
-    that `searchrl up`'s supervisor runs over the same index as an in-process baseline run. The retriever is
-    SIGKILLed as step 2 starts; the supervisor restarts it, and the trainer's search calls wait for it (gRPC
-    wait-for-ready, within rollout.search.timeout_s) instead of failing: no failed search, the metrics of both steps
-    equal the baseline's, and the supervisor counted the restart."""
+    """#17 fault test, sync mode, real processes: the trainer samples from a PolicyService (rollout.engine=remote) and
+    searches a RetrievalService, both run by `searchrl up`'s supervisor; every episode searches first (the demo's
+    response prefix). A baseline run on that stack, then a second run in which both services are SIGKILLed as step 2
+    starts. The supervisor restarts them; the trainer's calls wait for them (gRPC wait-for-ready, within their
+    deadlines) instead of failing; the restarted policy serves its start-up model, so the trainer's backend sees the
+    wrong version, loads the run's step-1 weights into it again and repeats the call. The second run has no failed
+    search, exactly the baseline's metrics, one reload, and the supervisor counted one restart of each service.
+    (Mutations: without wait-for-ready, step 2 has failed searches; without the version check, no reload.)"""
     from searchrl.stack import StackConfig, start_stack
     from searchrl.trainer.local.trainer import train
 
-    forced = [
+    sup, endpoints = start_stack(
+        StackConfig(
+            state_dir=str(tmp_path / "stack"),
+            services=("retriever", "policy"),
+            index_dir=index_dir,
+            weights_roots=(str(tmp_path),),
+        ),
+        progress=lambda _m: None,
+    )
+    overrides = [
         "trainer.max_steps=2",
         "rollout.agent.max_response_tokens=320",
         "rollout.agent.response_prefix=<think> I need to search for this. </think>\n<search> {question} </search>",
+        "rollout.engine=remote",
+        f"rollout.policy_target={endpoints['policy']}",
+        "rollout.search.backend=retriever",
+        f"rollout.search.retriever_target={endpoints['retriever']}",
     ]
-    baseline = train(_config(tmp_path / "base", index_dir, *forced), resume=False, handle_signals=False)
-    assert all(h["rollout/searches_per_episode"] >= 1 for h in baseline.history), "the episodes must search"
-    sup, endpoints = start_stack(
-        StackConfig(state_dir=str(tmp_path / "stack"), services=("retriever",), index_dir=index_dir),
-        progress=lambda _m: None,
-    )
     killed: list[int] = []
 
-    def kill_the_retriever(step: int, _metrics: dict[str, float]) -> None:
+    def kill_both(step: int, _metrics: dict[str, float]) -> None:
         if step == 1:  # step 2 starts as this returns
-            killed.append(sup.procs["retriever"].pid)
-            os.kill(killed[-1], signal.SIGKILL)
+            for name in ("retriever", "policy"):
+                killed.append(sup.procs[name].pid)
+                os.kill(killed[-1], signal.SIGKILL)
 
     try:
-        remote = [
-            *forced,
-            "rollout.search.backend=retriever",
-            f"rollout.search.retriever_target={endpoints['retriever']}",
-        ]
-        result = train(
-            _config(tmp_path / "run_r", index_dir, *remote),
-            resume=False,
-            progress=kill_the_retriever,
-            handle_signals=False,
-        )
-        restarts = sup.restarts["retriever"]
-        restarted = sup.procs["retriever"].pid
+        baseline = train(_config(tmp_path / "base", index_dir, *overrides), resume=False, handle_signals=False)
+        assert all(h["rollout/searches_per_episode"] >= 1 for h in baseline.history), "the episodes must search"
+        with caplog.at_level("WARNING", logger="searchrl.policy.remote"):
+            result = train(
+                _config(tmp_path / "run_k", index_dir, *overrides),
+                resume=False,
+                progress=kill_both,
+                handle_signals=False,
+            )
+        restarts = dict(sup.restarts)
     finally:
         sup.stop()
-    assert killed and restarts == 1 and restarted != killed[0], (killed, restarts, restarted)
+    assert len(killed) == 2 and (restarts["retriever"], restarts["policy"]) == (1, 1), (killed, restarts)
+    reloads = [r.getMessage() for r in caplog.records if "loading" in r.getMessage()]
+    assert len(reloads) == 1 and "instead of 'step-1'" in reloads[0], reloads
     assert result.step == 2
     assert [h["rollout/search_failures"] for h in result.history] == [0.0, 0.0]
-    # The service caches searches in the stack's Redis (a group's samples ask the same question); in-process search
-    # has no cache. Everything else is the baseline's.
+    # The second run finds the baseline's queries in the stack's search cache: its hit rate is not the baseline's.
     backend_only = {"rollout/search_cache_hit_rate"}
     for got_row, want_row in zip(result.history, baseline.history, strict=True):
         for key, value in want_row.items():
             if key.startswith(COMPARED_PREFIXES) and key not in TIMING_DEPENDENT | backend_only:
-                assert got_row[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
-
-
-def test_policy_service_killed_mid_rollout_is_restarted_and_serves_the_run_s_weights_again(
-    index_dir: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """#17 fault test, sync mode, rollout.engine=remote: the PolicyService that `searchrl up`'s supervisor runs is
-    SIGKILLed as step 2 starts. It comes back with its start-up model; the trainer's Generate calls wait for it
-    (wait-for-ready), see the wrong policy version, load the run's step-1 weights into it again and repeat the call.
-    The run's metrics equal a run on the same service without the kill, and the reload happened."""
-    from searchrl.stack import StackConfig, start_stack
-    from searchrl.trainer.local.trainer import train
-
-    sup, endpoints = start_stack(
-        StackConfig(state_dir=str(tmp_path / "stack"), services=("policy",), weights_roots=(str(tmp_path),)),
-        progress=lambda _m: None,
-    )
-    remote = ["trainer.max_steps=2", "rollout.engine=remote", f"rollout.policy_target={endpoints['policy']}"]
-    killed: list[int] = []
-
-    def kill_the_policy(step: int, _metrics: dict[str, float]) -> None:
-        if step == 1:  # step 2 starts as this returns
-            killed.append(sup.procs["policy"].pid)
-            os.kill(killed[-1], signal.SIGKILL)
-
-    try:
-        baseline = train(_config(tmp_path / "base", index_dir, *remote), resume=False, handle_signals=False)
-        with caplog.at_level("WARNING", logger="searchrl.policy.remote"):
-            result = train(
-                _config(tmp_path / "run_p", index_dir, *remote),
-                resume=False,
-                progress=kill_the_policy,
-                handle_signals=False,
-            )
-        restarts = sup.restarts["policy"]
-    finally:
-        sup.stop()
-    assert killed and restarts == 1, (killed, restarts)
-    reloads = [r.getMessage() for r in caplog.records if "loading" in r.getMessage()]
-    assert len(reloads) == 1 and "instead of 'step-1'" in reloads[0], reloads
-    assert result.step == 2
-    for got_row, want_row in zip(result.history, baseline.history, strict=True):
-        for key, value in want_row.items():
-            if key.startswith(COMPARED_PREFIXES) and key not in TIMING_DEPENDENT:
                 assert got_row[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
