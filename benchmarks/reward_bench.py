@@ -48,6 +48,32 @@ from searchrl.services.reward.server import ENUM_BY_SCHEME
 from searchrl.testing import free_port, wait_for_health
 
 
+def research_response(rng: random.Random, question: str, gold: list[str], texts: list[str]) -> str:
+    """One ReSearch-shaped rollout response to ``question``: 0-3 searches with five documents each (cut from
+    ``texts``), then an answer that is right, partly right (``gold[0]`` plus a word), wrong or malformed."""
+    parts = [f"<think> I need to find out: {question} </think>\n"]
+    for _s in range(rng.choice((0, 1, 1, 2, 2, 3))):
+        parts.append(f"<search> {question[:60]} </search>\n<result>\n")
+        parts.append(
+            "\n".join(f"({k + 1}) " + " ".join(rng.choice(texts).split()[: rng.randint(25, 60)]) for k in range(5))
+        )
+        parts.append("\n</result>\n<think> The documents mention several candidates. </think>\n")
+    kind = rng.random()
+    if kind < 0.4:
+        answer = gold[0]
+    elif kind < 0.6:
+        answer = f"{gold[0]} of {rng.choice(texts).split()[0]}"
+    else:
+        answer = " ".join(rng.choice(texts).split()[:3])
+    if kind > 0.9:  # malformed: missing box, doubled answer, unbalanced think
+        parts.append(
+            rng.choice([f"<answer> {answer} </answer>", f"<answer>\\boxed{{{answer}}}</answer>" * 2, "<think>"])
+        )
+    else:
+        parts.append(f"<answer> The final answer is \\boxed{{{answer}}} </answer>")
+    return "".join(parts)
+
+
 def make_workload(n: int, seed: int = 0) -> tuple[list[str], list[list[str]], list[bool]]:
     """``n`` ReSearch-style responses, their gold answers and EOS flags."""
     rng = random.Random(seed)
@@ -58,32 +84,11 @@ def make_workload(n: int, seed: int = 0) -> tuple[list[str], list[list[str]], li
         vocab = [f"w{i}" for i in range(5000)]
         texts = [" ".join(rng.choices(vocab, k=60)) for _ in range(2000)]
 
-    def doc(k: int) -> str:
-        return f"({k}) " + " ".join(rng.choice(texts).split()[: rng.randint(25, 60)])
-
     responses, golds, eos = [], [], []
     for _ in range(n):
         row = rng.choice(rows)
         gold = row["golden_answers"]
-        parts = [f"<think> I need to find out: {row['question']} </think>\n"]
-        for _s in range(rng.choice((0, 1, 1, 2, 2, 3))):
-            parts.append(f"<search> {row['question'][:60]} </search>\n<result>\n")
-            parts.append("\n".join(doc(k + 1) for k in range(5)))
-            parts.append("\n</result>\n<think> The documents mention several candidates. </think>\n")
-        kind = rng.random()
-        if kind < 0.4:
-            answer = gold[0]
-        elif kind < 0.6:
-            answer = f"{gold[0]} of {rng.choice(texts).split()[0]}"
-        else:
-            answer = " ".join(rng.choice(texts).split()[:3])
-        if kind > 0.9:  # malformed: missing box, doubled answer, unbalanced think
-            parts.append(
-                rng.choice([f"<answer> {answer} </answer>", f"<answer>\\boxed{{{answer}}}</answer>" * 2, "<think>"])
-            )
-        else:
-            parts.append(f"<answer> The final answer is \\boxed{{{answer}}} </answer>")
-        responses.append("".join(parts))
+        responses.append(research_response(rng, row["question"], gold, texts))
         golds.append(list(gold))
         eos.append(rng.random() > 0.03)
     return responses, golds, eos

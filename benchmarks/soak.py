@@ -187,36 +187,13 @@ def build_index(folder: Path, n_passages: int, seed: int) -> Path:
     return out
 
 
-def research_response(rng: random.Random, question: str, gold: list[str], texts: list[str]) -> str:
-    """One ReSearch-shaped rollout response: 0-3 searches with five documents each, then an answer that is right,
-    partly right, wrong or malformed."""
-    parts = [f"<think> I need to find out: {question} </think>\n"]
-    for _ in range(rng.choice((0, 1, 1, 2, 2, 3))):
-        parts.append(f"<search> {question[:60]} </search>\n<result>\n")
-        parts.append(
-            "\n".join(f"({k}) " + " ".join(rng.choice(texts).split()[: rng.randint(25, 60)]) for k in range(5))
-        )
-        parts.append("\n</result>\n<think> The documents mention several candidates. </think>\n")
-    kind = rng.random()
-    if kind < 0.4:
-        answer = gold[0]
-    elif kind < 0.6:
-        answer = f"{gold[0]} of {rng.choice(texts).split()[0]}"
-    else:
-        answer = " ".join(rng.choice(texts).split()[:3])
-    if kind > 0.9:
-        parts.append(
-            rng.choice([f"<answer> {answer} </answer>", f"<answer>\\boxed{{{answer}}}</answer>" * 2, "<think>"])
-        )
-    else:
-        parts.append(f"<answer> The final answer is \\boxed{{{answer}}} </answer>")
-    return "".join(parts)
-
-
 def reward_requests(
     questions: list[tuple[str, list[str]]], batch: int, count: int, seed: int
 ) -> list[reward_pb2.ScoreRequest]:
-    """``count`` Score requests of ``batch`` responses each, cycling through the four reward schemes."""
+    """``count`` Score requests of ``batch`` responses each (``reward_bench.research_response``), cycling through
+    the four reward schemes."""
+    from reward_bench import research_response  # benchmarks/ is on sys.path when a script here runs
+
     rng = random.Random(seed)
     texts = [t for _, t in load_passages(2000, seed)]
     schemes = [v.number for v in reward_pb2.RewardScheme.DESCRIPTOR.values if v.number != 0]
