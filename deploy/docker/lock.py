@@ -4,8 +4,9 @@
 Every image installs exactly one lock with ``uv pip sync --require-hashes`` and then searchrl itself with ``--no-deps``,
 so an image holds only pinned, hash-checked packages. A lock is the full dependency set of its image, resolved by
 ``uv pip compile`` for the image's Python and platform (``--python-version``, ``--python-platform``) with
-``--exclude-newer`` fixed to ``EXCLUDE_NEWER``, so resolving the same inputs again gives the same lock until an input
-changes. ``tests/deploy/test_image_locks.py`` re-resolves every lock with ``--check`` in ``make test``.
+``--exclude-newer`` fixed to ``EXCLUDE_NEWER`` and the committed lock's versions preferred (uv's output-file
+preferences; ``--upgrade`` drops them), so resolving the same inputs again gives the same lock until an input changes,
+even when the index lists a release dated before the cutoff only later (the registry proxy here does, by weeks). ``tests/deploy/test_image_locks.py`` re-resolves every lock with ``--check`` in ``make test``.
 
 Inputs of each image (``IMAGES`` below): its engine pins (GPU images), searchrl's own requirements for the image's
 extras (read from pyproject.toml by ``requirements_for.py``), searchrl's build requirements (searchrl is installed with
@@ -27,7 +28,7 @@ Three parts are not a plain resolution, each documented in the lock it lands in:
 GPU images also get ``<image>-smoke.lock``: pytest and the test model/data packages for the ``smoke`` build target,
 resolved with the runtime lock as constraints so nothing already in the image changes.
 
-usage: lock.py [--check [--offline]] [--only IMAGE[,IMAGE]] [--uv PATH] [--jobs N]
+usage: lock.py [--check [--offline]] [--upgrade] [--only IMAGE[,IMAGE]] [--uv PATH] [--jobs N]
 
 Exit codes: 0 written / up to date; 1 ``--check`` found a stale lock or an input that no longer resolves; 2 usage or a
 uv of another version than ``UV_VERSION``.
@@ -375,14 +376,30 @@ def _inputs(image: Image, root: Path) -> str:
     return "\n".join(out) + "\n"
 
 
-def _run_uv(uv: str, args: list[str], cwd: Path, offline: bool = False) -> str:
+_PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s\\;]+)", re.MULTILINE)
+
+
+def _run_uv(
+    uv: str, args: list[str], cwd: Path, offline: bool = False, prefer: Path | None = None, name: str = "out"
+) -> str:
+    """``uv pip compile ARGS`` in ``cwd``; returns the resolution.
+
+    ``prefer``: a committed lock whose ``name==version`` pins the resolution keeps wherever the inputs still allow
+    them (uv's output-file preferences, as pip-compile's): a release that the index lists only later cannot change
+    a lock whose inputs did not change, while a changed input pin still does.
+    """
     # --python: the running interpreter only hosts uv (the resolution targets --python-version/--python-platform);
     # naming it skips uv's interpreter discovery, which costs seconds per call.
     cmd = [uv, "pip", "compile", *args, "--python", sys.executable, *(["--offline"] if offline else [])]
+    out: Path | None = None
+    if prefer is not None and prefer.exists():
+        out = cwd / f"{name}.preferred.txt"
+        out.write_text("".join(f"{m[0]}=={m[1]}\n" for m in _PIN.findall(prefer.read_text())))
+        cmd += ["--output-file", out.name]
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=_uv_env())
     if proc.returncode != 0:
         raise LockError(proc.stderr.strip() or proc.stdout.strip())
-    return proc.stdout
+    return out.read_text() if out is not None else proc.stdout
 
 
 def _bundled_section(uv: str, image: Image, names: Iterable[str], work: Path, offline: bool = False) -> str:
@@ -410,11 +427,15 @@ def _header(image: Image, kind: str, command: str, install: str) -> str:
     )
 
 
-def generate_image(uv: str, image: Image, root: Path = ROOT, offline: bool = False) -> dict[str, str]:
+def generate_image(
+    uv: str, image: Image, root: Path = ROOT, offline: bool = False, prefer: Path | None = LOCKS
+) -> dict[str, str]:
     """All files of one image: ``{file name in deploy/docker/locks: text}``.
 
     ``root`` is the repository whose pyproject.toml and deploy/docker/constraints.txt are read; ``offline`` resolves
-    from uv's cache only (``uv --offline``: the same resolver on the index data cached by an earlier run).
+    from uv's cache only (``uv --offline``: the same resolver on the index data cached by an earlier run); ``prefer``
+    is the folder of committed locks whose versions are kept where the inputs allow (None: the newest versions
+    before ``EXCLUDE_NEWER``, ``lock.py --upgrade``).
 
     Raises:
         LockError: uv could not resolve the inputs (the message is uv's); or the resolution broke an invariant
@@ -435,7 +456,8 @@ def generate_image(uv: str, image: Image, root: Path = ROOT, offline: bool = Fal
             extra += ["--excludes", "excludes.txt"]
         if image.cpu_torch:
             extra += ["--no-emit-package", "torch"]
-        body = _run_uv(uv, [f"{image.name}.in", *_compile_options(image), *extra], work, offline)
+        pref = (prefer / f"{image.name}.lock") if prefer is not None else None
+        body = _run_uv(uv, [f"{image.name}.in", *_compile_options(image), *extra], work, offline, pref, image.name)
         command = _command_line(image, f"{image.name}.in", extra)
         sync = f"uv pip sync --require-hashes --build-constraints {image.name}.lock --require-build-hashes {image.name}.lock"
         text = _header(image, "", command, sync)
@@ -493,7 +515,10 @@ def generate_image(uv: str, image: Image, root: Path = ROOT, offline: bool = Fal
             (work / f"{image.name}-smoke.in").write_text(smoke_in)
             runtime_names = sorted(set(_names(text)))
             no_emit = [a for n in runtime_names for a in ("--no-emit-package", n)]
-            smoke = _run_uv(uv, [f"{image.name}-smoke.in", *_compile_options(image), *no_emit], work, offline)
+            pref = (prefer / f"{image.name}-smoke.lock") if prefer is not None else None
+            smoke = _run_uv(
+                uv, [f"{image.name}-smoke.in", *_compile_options(image), *no_emit], work, offline, pref, "smoke"
+            )
             smoke_text = (
                 _header(
                     image,
@@ -541,12 +566,15 @@ def _differences(files: dict[str, str], locks: Path) -> list[str]:
     return out
 
 
-def resolve(uv: str, image: Image, root: Path = ROOT, offline: bool = False) -> Result:
+def resolve(
+    uv: str, image: Image, root: Path = ROOT, offline: bool = False, prefer: Path | None = LOCKS
+) -> Result:
     """``generate_image`` timed, with a failure turned into ``Result.error``."""
     start = time.monotonic()
     source = "uv cache" if offline else "index"
     try:
-        return Result(image.name, generate_image(uv, image, root, offline), None, time.monotonic() - start, source)
+        files = generate_image(uv, image, root, offline, prefer)
+        return Result(image.name, files, None, time.monotonic() - start, source)
     except LockError as exc:
         return Result(image.name, None, str(exc), time.monotonic() - start, source)
 
@@ -556,7 +584,7 @@ def check_image(uv: str, image: Image, root: Path = ROOT, locks: Path = LOCKS, o
 
     ``offline`` resolves from uv's cache only (a quick local check; it cannot see a release that was yanked since).
     """
-    res = resolve(uv, image, root, offline)
+    res = resolve(uv, image, root, offline, locks)
     if res.error is not None:
         res.problems.append(f"UNRESOLVABLE {image.name}: its inputs do not resolve:\n{res.error}")
     else:
@@ -578,11 +606,14 @@ def check(
         return list(pool.map(lambda im: check_image(uv, im, root, locks, offline), images))
 
 
-def generate(uv: str, images: Iterable[Image] = IMAGES, root: Path = ROOT, jobs: int = 9) -> list[Result]:
-    """Resolves ``images`` against the index in parallel threads."""
+def generate(
+    uv: str, images: Iterable[Image] = IMAGES, root: Path = ROOT, jobs: int = 9, upgrade: bool = False
+) -> list[Result]:
+    """Resolves ``images`` against the index in parallel threads, keeping the committed locks' versions where the
+    inputs allow unless ``upgrade``."""
     images = list(images)
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        return list(pool.map(lambda im: resolve(uv, im, root), images))
+        return list(pool.map(lambda im: resolve(uv, im, root, prefer=None if upgrade else LOCKS), images))
 
 
 def sha256_of(path: Path) -> str:
@@ -598,6 +629,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="re-resolve and compare with the committed files")
     parser.add_argument("--offline", action="store_true", help="with --check: resolve from uv's cache, not the index")
     parser.add_argument("--only", default="", help="comma-separated image names (default: all)")
+    parser.add_argument(
+        "--upgrade",
+        action="store_true",
+        help="take the newest versions before EXCLUDE_NEWER instead of keeping the committed locks' where allowed",
+    )
     parser.add_argument(
         "--uv", default=None, help=f"uv binary (default: $UV, .venv/bin/uv, PATH); must be {UV_VERSION}"
     )
@@ -617,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         results = check(uv, images, offline=args.offline, jobs=args.jobs)
     else:
-        results = generate(uv, images, jobs=args.jobs)
+        results = generate(uv, images, jobs=args.jobs, upgrade=args.upgrade)
     bad = 0
     for res in results:
         if res.error is not None and not args.check:
