@@ -66,7 +66,8 @@ options:
   -h, --help this text
 
 environment: PYTHON (default python3), SEARCHRL_SMOKE_TESTS_DIR (default <repo>/tests), SEARCHRL_RETRIEVER_TARGET
-(verl stage: use this retriever instead of starting one), SEARCHRL_SMOKE_TIMEOUT_<STAGE>, SEARCHRL_SMOKE_MIN_DRIVER.
+(verl stage: use this retriever instead of starting one), SEARCHRL_SMOKE_INDEX_DIR (the index the verl stage's own
+retriever serves; default wiki:flat), SEARCHRL_SMOKE_TIMEOUT_<STAGE>, SEARCHRL_SMOKE_MIN_DRIVER.
 HF_HUB_OFFLINE=1 is set: nothing is downloaded.
 EOF
 }
@@ -410,15 +411,15 @@ verl_config_check() {
 		fail "rayjob_entrypoint --check-only rejects the verl stage's config"
 }
 
-# start_retriever: `searchrl serve retriever` over the bundled Wikipedia index on free loopback ports; sets
-# RETRIEVER_PID, RETRIEVER_TARGET (dns:///127.0.0.1:PORT) and RETRIEVER_METRICS_PORT once it prints READY.
+# start_retriever: `searchrl serve retriever` over the bundled Wikipedia index (or SEARCHRL_SMOKE_INDEX_DIR) on free
+# loopback ports; sets RETRIEVER_PID, RETRIEVER_TARGET (dns:///127.0.0.1:PORT) and RETRIEVER_METRICS_PORT once it prints READY.
 start_retriever() {
 	local miss ready="" port
 	miss=$(missing_modules faiss sentence_transformers)
 	[[ -z "$miss" ]] || fail "cannot start a retriever here ($miss not importable): add faiss-cpu and" \
 		"sentence-transformers to this image's smoke target, or point SEARCHRL_RETRIEVER_TARGET at a retriever"
-	"$PY" -m searchrl serve retriever --index-dir wiki:flat --host 127.0.0.1 --grpc-port 0 --metrics-port 0 \
-		--http-port -1 >"$STAGE_DIR/retriever.log" 2>&1 </dev/null &
+	"$PY" -m searchrl serve retriever --index-dir "${SEARCHRL_SMOKE_INDEX_DIR:-wiki:flat}" --host 127.0.0.1 \
+		--grpc-port 0 --metrics-port 0 --http-port -1 >"$STAGE_DIR/retriever.log" 2>&1 </dev/null &
 	RETRIEVER_PID=$!
 	for _ in $(seq "${SEARCHRL_SMOKE_RETRIEVER_WAIT:-240}"); do
 		ready=$(grep -m1 '^READY' "$STAGE_DIR/retriever.log" 2>/dev/null || true)

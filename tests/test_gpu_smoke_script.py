@@ -259,8 +259,10 @@ def test_interrupt_ends_the_running_stage(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_verl_stage_retriever_starts_serves_and_counts_searches(tmp_path: Path) -> None:
-    """The verl stage's own retriever: started on free ports, READY parsed, its query counter read, stopped."""
+def test_verl_stage_retriever_starts_serves_and_counts_searches(tmp_path: Path, tiny_index: Path) -> None:
+    """The verl stage's own retriever (over the session's small index through SEARCHRL_SMOKE_INDEX_DIR: the default,
+    the whole bundled Wikipedia, takes minutes to embed on 2 cores): started on free ports, READY parsed, its query
+    counter read, stopped. A driver that overruns is killed with its process group, retriever included."""
     pytest.importorskip("faiss")
     pytest.importorskip("sentence_transformers")
     search = (
@@ -281,14 +283,21 @@ def test_verl_stage_retriever_starts_serves_and_counts_searches(tmp_path: Path) 
         f"STAGE_DIR={tmp_path} REASON_FILE={tmp_path}/reason\n"
         "export STAGE_DIR REASON_FILE\n"
         "trap stop_retriever EXIT\n"
-        "SEARCHRL_SMOKE_RETRIEVER_WAIT=900 start_retriever\n"
+        "SEARCHRL_SMOKE_RETRIEVER_WAIT=300 start_retriever\n"
         'echo "pid=$RETRIEVER_PID target=$RETRIEVER_TARGET"\n'
         'echo "before=$(retriever_queries "$RETRIEVER_METRICS_PORT")"\n'
         f'"$PY" {tmp_path / "search.py"} "$RETRIEVER_TARGET" || exit 1\n'
         'echo "after=$(retriever_queries "$RETRIEVER_METRICS_PORT")"\n'
     )
-    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(["bash", str(driver)], capture_output=True, text=True, timeout=1200, env=env, cwd=tmp_path)
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "SEARCHRL_SMOKE_INDEX_DIR": str(tiny_index)}
+    proc = subprocess.Popen(["bash", str(driver)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=tmp_path, start_new_session=True)  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the retriever it started
+        stdout, stderr = proc.communicate()
+    res = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     assert res.returncode == 0, res.stdout + res.stderr + (tmp_path / "retriever.log").read_text()
     assert re.search(r"target=dns:///127\.0\.0\.1:\d+", res.stdout)
     assert "before=0" in res.stdout and "after=2" in res.stdout
