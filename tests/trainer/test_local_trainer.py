@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,15 +76,17 @@ def _config(out: Path, index_dir: str, *extra: str) -> TrainConfig:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory, index_dir: str) -> tuple[Any, TrainConfig]:
-    """Three GRPO steps in this process."""
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, index_dir: str) -> Iterator[tuple[Any, TrainConfig]]:
+    """Three GRPO steps in this process. Its folder (three full checkpoints, about 5 GB) is removed after the module."""
     from searchrl.trainer.local.trainer import train
 
-    cfg = _config(tmp_path_factory.mktemp("run_a"), index_dir)
+    out = tmp_path_factory.mktemp("run_a")
+    cfg = _config(out, index_dir)
     seen: list[int] = []
     result = train(cfg, resume=False, progress=lambda step, _m: seen.append(step), handle_signals=False)
     assert seen == [1, 2, 3]
-    return result, cfg
+    yield result, cfg
+    shutil.rmtree(out, ignore_errors=True)
 
 
 def _metrics_by_step(out: Path) -> dict[int, dict[str, float]]:
@@ -394,13 +398,14 @@ def test_redis_killed_mid_step_and_trainer_killed_mid_checkpoint_lose_and_repeat
     assert sorted(set(recorded)) == sorted(ids)
 
 
-def test_search_and_policy_services_killed_mid_rollout_are_restarted_and_the_run_does_not_notice(
+def test_search_simulator_and_policy_services_killed_mid_rollout_are_restarted_and_the_run_does_not_notice(
     index_dir: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """#17 fault test, sync mode, real processes: the trainer samples from a PolicyService (rollout.engine=remote) and
-    searches a RetrievalService, both run by `searchrl up`'s supervisor; every episode searches first (the demo's
-    response prefix). A baseline run on that stack, then a second run in which both services are SIGKILLed as step 2
-    starts. The supervisor restarts them; the trainer's calls wait for them (gRPC wait-for-ready, within their
+    searches both a RetrievalService and the SimulatedSearchService (rollout.search.backend=mixed), all three run by
+    `searchrl up`'s supervisor; every episode searches first (the demo's response prefix), and step 2's searches go to
+    both search services. A baseline run on that stack, then a second run in which the three services are SIGKILLed as
+    step 2 starts. The supervisor restarts them; the trainer's calls wait for them (gRPC wait-for-ready, within their
     deadlines) instead of failing; the restarted policy serves its start-up model, so the trainer's backend sees the
     wrong version, loads the run's step-1 weights into it again and repeats the call. The second run has no failed
     search, exactly the baseline's metrics, one reload, and the supervisor counted one restart of each service.
@@ -411,7 +416,7 @@ def test_search_and_policy_services_killed_mid_rollout_are_restarted_and_the_run
     sup, endpoints = start_stack(
         StackConfig(
             state_dir=str(tmp_path / "stack"),
-            services=("retriever", "policy"),
+            services=("retriever", "simulator", "policy"),
             index_dir=index_dir,
             weights_roots=(str(tmp_path),),
         ),
@@ -423,31 +428,36 @@ def test_search_and_policy_services_killed_mid_rollout_are_restarted_and_the_run
         "rollout.agent.response_prefix=<think> I need to search for this. </think>\n<search> {question} </search>",
         "rollout.engine=remote",
         f"rollout.policy_target={endpoints['policy']}",
-        "rollout.search.backend=retriever",
+        "rollout.search.backend=mixed",
+        "rollout.search.mix_ratio=0.5",
+        "rollout.search.timeout_s=180",  # a restart on 2 busy cores can take longer than the 30 s default
         f"rollout.search.retriever_target={endpoints['retriever']}",
+        f"rollout.search.simulator_target={endpoints['simulator']}",
     ]
     killed: list[int] = []
 
-    def kill_both(step: int, _metrics: dict[str, float]) -> None:
+    def kill_all(step: int, _metrics: dict[str, float]) -> None:
         if step == 1:  # step 2 starts as this returns
-            for name in ("retriever", "policy"):
+            for name in ("retriever", "simulator", "policy"):
                 killed.append(sup.procs[name].pid)
                 os.kill(killed[-1], signal.SIGKILL)
 
     try:
         baseline = train(_config(tmp_path / "base", index_dir, *overrides), resume=False, handle_signals=False)
         assert all(h["rollout/searches_per_episode"] >= 1 for h in baseline.history), "the episodes must search"
+        assert 0 < baseline.history[1]["rollout/simulator_search_share"] < 1, "step 2 must search both services"
         with caplog.at_level("WARNING", logger="searchrl.policy.remote"):
             result = train(
                 _config(tmp_path / "run_k", index_dir, *overrides),
                 resume=False,
-                progress=kill_both,
+                progress=kill_all,
                 handle_signals=False,
             )
         restarts = dict(sup.restarts)
     finally:
         sup.stop()
-    assert len(killed) == 2 and (restarts["retriever"], restarts["policy"]) == (1, 1), (killed, restarts)
+    killed_names = ("retriever", "simulator", "policy")
+    assert len(killed) == 3 and [restarts[n] for n in killed_names] == [1, 1, 1], (killed, restarts)
     reloads = [r.getMessage() for r in caplog.records if "loading" in r.getMessage()]
     assert len(reloads) == 1 and "instead of 'step-1'" in reloads[0], reloads
     assert result.step == 2

@@ -162,6 +162,9 @@ def rollout_metrics(episodes: Sequence[Any], scores: Sequence[Any]) -> dict[str,
         "rollout/search_failure_rate": sum(s.failed for s in calls) / max(sum(s.sent for s in calls), 1),
         "rollout/search_cache_hit_rate": (sum(1 for s in calls if s.cache_hit) / len(calls)) if calls else 0.0,
         "rollout/noisy_share": (len(noisy) / len(with_docs)) if with_docs else 0.0,
+        # ZeroSearch's simulated search engine's share of the searches sent (backend=mixed: about 1 - mix_ratio)
+        "rollout/simulator_search_share": sum(1 for s in calls if s.sent and s.backend == "simulator")
+        / max(sum(s.sent for s in calls), 1),
         "rollout/response_length": float(np.mean([len(ep.response_ids) for ep in episodes])),
         "rollout/prompt_length": float(np.mean([len(ep.prompt_ids) for ep in episodes])),
         "rollout/generated_tokens": float(np.mean([sum(ep.loss_mask) for ep in episodes])),
