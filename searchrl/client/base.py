@@ -38,9 +38,9 @@ def service_config_json(
         max_attempts: total attempts including the first (gRPC caps this at 5).
         initial_backoff_s: first backoff bound, in seconds; it doubles per attempt up to ``max_backoff_s``.
         lb_policy: ``round_robin`` (one sub-channel per resolved address) or ``pick_first``.
-        wait_for_ready: the retried methods wait for the server to become reachable (gRPC wait-for-ready) within
-            their deadline instead of failing at once while it is down: a service that restarts faster than the
-            call's deadline is not noticed by the caller.
+        wait_for_ready: every method waits for the server to become reachable (gRPC wait-for-ready) within its
+            deadline instead of failing at once while it is down: a service that restarts faster than the call's
+            deadline is not noticed by the caller. Only the idempotent methods are also retried once sent.
     """
     names = [{"service": s, "method": m} for s in service_names for m in retryable_methods(s)]
     method_config = [
@@ -55,8 +55,12 @@ def service_config_json(
             },
             **({"waitForReady": True} if wait_for_ready else {}),
         }
-    ]
-    return json.dumps({"loadBalancingConfig": [{lb_policy: {}}], "methodConfig": method_config if names else []})
+    ] if names else []
+    if wait_for_ready:
+        # Every other method (those that change state: LoadWeights) waits too, without retries: waiting happens before
+        # the call is sent, so it cannot apply a change twice. A method-level entry above takes precedence.
+        method_config.append({"name": [{"service": s} for s in service_names], "waitForReady": True})
+    return json.dumps({"loadBalancingConfig": [{lb_policy: {}}], "methodConfig": method_config})
 
 
 @dataclass

@@ -48,7 +48,7 @@ async def _serve(servicer: Flaky, **config: Any) -> GrpcServer:
         servicer,
         policy_pb2_grpc.add_PolicyServiceServicer_to_server,
     )
-    server = GrpcServer(ServerConfig(grpc_port=0, metrics_port=-1, **config), [spec], "retries")
+    server = GrpcServer(ServerConfig(**{"grpc_port": 0, "metrics_port": -1, **config}), [spec], "retries")
     await server.start()
     return server
 
@@ -73,6 +73,38 @@ async def test_idempotent_calls_are_retried_and_weight_loads_are_not(code: grpc.
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await client.load_weights("/ckpt")
         assert err.value.code() == code and servicer.calls["LoadWeights"] == 1, "LoadWeights must not be retried"
+    finally:
+        await client.close()
+        await server.stop(0)
+
+
+async def test_with_wait_for_ready_a_weight_load_waits_for_a_restarting_server_and_is_still_sent_once() -> None:
+    """A trainer pushes weights while its PolicyService restarts: with ``wait_for_ready`` (the trainer's channels) the
+    LoadWeights call waits, within its deadline, for the server to listen and is then sent once; without it the call
+    fails at once with UNAVAILABLE. A refusal by a live server is still not retried."""
+    import asyncio
+
+    from searchrl.testing import free_port
+
+    port = free_port()
+    impatient = PolicyClient(f"127.0.0.1:{port}", ChannelOptions(timeout_s=20))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await impatient.load_weights("/ckpt", timeout_s=5)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    await impatient.close()
+
+    client = PolicyClient(f"127.0.0.1:{port}", ChannelOptions(timeout_s=20, wait_for_ready=True))
+    servicer = Flaky(grpc.StatusCode.OK, failures=0)
+    pending = asyncio.create_task(client.load_weights("/ckpt", timeout_s=30))
+    await asyncio.sleep(2.0)  # nothing listens yet: the call waits instead of failing
+    assert not pending.done()
+    server = await _serve(servicer, grpc_port=port)
+    try:
+        assert (await pending).policy_version == "v2" and servicer.calls["LoadWeights"] == 1
+        servicer.code, servicer.failures = grpc.StatusCode.UNAVAILABLE, 10**6
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await client.load_weights("/ckpt", timeout_s=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and servicer.calls["LoadWeights"] == 2
     finally:
         await client.close()
         await server.stop(0)
