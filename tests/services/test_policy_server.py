@@ -240,6 +240,30 @@ async def test_load_weights_only_from_the_checkpoint_roots(
         await none.stop(0)
 
 
+async def test_remote_backend_loads_its_pinned_weights_again_only_into_a_service_that_lost_them(
+    engine: TransformersEngine, policy_path: str
+) -> None:
+    """#17: a PolicyService that restarted serves its start-up weights. RemotePolicyBackend.restore_pinned (what the
+    async trainer calls for a group from weights it never pushed) loads the pinned weights again; when the service
+    still serves them (the group was merely old), or nothing is pinned, it loads nothing."""
+    from transformers import AutoTokenizer
+
+    server = await serve(engine, max_new_tokens=8, weights_roots=str(Path(policy_path).parent))
+    try:
+        async with PolicyClient(f"127.0.0.1:{server.port}") as pc:
+            backend = RemotePolicyBackend(pc, AutoTokenizer.from_pretrained(policy_path))
+            assert await backend.restore_pinned("anything") is False
+            await pc.load_weights(policy_path, "step-3.ab12")
+            backend.pinned = ("step-3.ab12", policy_path)
+            assert await backend.restore_pinned("step-2.ab12") is False and backend.reloads == 0
+            await pc.load_weights(policy_path, "start-up")  # what a restarted service serves
+            assert await backend.restore_pinned("start-up") is True and backend.reloads == 1
+            assert (await pc.model_info()).policy_version == "step-3.ab12"
+            assert await backend.restore_pinned("start-up") is False and backend.reloads == 1
+    finally:
+        await server.stop(0)
+
+
 @pytest.mark.slow  # a real retriever over a freshly built index, or a child policy process
 async def test_serve_policy_process_and_remote_backend(policy_path: str) -> None:
     """``searchrl serve policy`` as a child process; the agent loop drives it through RemotePolicyBackend."""

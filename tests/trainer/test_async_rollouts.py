@@ -329,3 +329,68 @@ def test_async_training_rides_out_redis_killed_mid_step(tmp_path: Path, policy: 
         if restarts[name]:
             assert "Traceback" not in log.read_text(), f"{name}:\n{log.read_text()[-3000:]}"
     print(f"restarts after the Redis kill: {restarts}")
+
+
+def test_async_training_rides_out_search_simulator_and_policy_killed_mid_rollout(
+    tmp_path: Path, small_wiki_index: Path
+) -> None:
+    """#17 fault test, async mode, real processes: `searchrl up`'s supervisor runs a RetrievalService, the
+    SimulatedSearchService, a PolicyService and one rollout worker that searches both services
+    (rollout.search.backend=mixed); the trainer runs as `searchrl train`. Once step 1 is trained, the three services
+    are SIGKILLed while the worker samples the next groups. The supervisor restarts each once; the worker's calls wait
+    for them (gRPC wait-for-ready) instead of failing; a group sampled by the restarted policy's start-up weights is
+    skipped, and the trainer loads its newest weights into the service again (RemotePolicyBackend.restore_pinned).
+    The run reaches step 4 with one group per step, no task trained twice, nothing left unacknowledged and no failed
+    search in any trained step."""
+    from types import SimpleNamespace
+
+    from searchrl.stack import StackConfig, start_rollout_workers, start_stack
+
+    sup, endpoints = start_stack(
+        StackConfig(
+            state_dir=str(tmp_path / "stack"),
+            services=("retriever", "simulator", "policy"),
+            index_dir=str(small_wiki_index),
+            weights_roots=(str(tmp_path),),
+        ),
+        progress=lambda _m: None,
+    )
+    names = ("retriever", "simulator", "policy")
+    log = tmp_path / "trainer.log"
+    try:
+        cfg_path = write_config(
+            tmp_path, endpoints["redis"], SimpleNamespace(target=endpoints["policy"]), small_wiki_index,
+            "trainer.max_steps=4", "checkpoint.every_steps=1", "rollout.search.backend=mixed",
+            "rollout.search.mix_ratio=0.5", "rollout.search.timeout_s=180",
+            f"rollout.search.retriever_target={endpoints['retriever']}",
+            f"rollout.search.simulator_target={endpoints['simulator']}",
+        )  # fmt: skip
+        start_rollout_workers(sup, endpoints, 1, str(cfg_path))
+        trainer = spawn(["train", "--config", str(cfg_path)], log)
+        try:
+            wait_until(lambda: any(r["step"] == 1 for r in rows(tmp_path / "run" / "metrics.jsonl")), 600, "step 1", [log])
+            for name in names:  # the worker is sampling the next groups
+                os.kill(sup.procs[name].pid, signal.SIGKILL)
+            assert trainer.wait(900) == 0, log.read_text()[-3000:]
+        finally:
+            if trainer.poll() is None:
+                kill9(trainer)
+        final = queue_call(cfg_path, lambda q: q.stats())
+        restarts = dict(sup.restarts)
+    finally:
+        sup.stop()
+    assert [restarts[n] for n in names] == [1, 1, 1], restarts
+    metrics = rows(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in metrics] == [1, 2, 3, 4]
+    assert all(r["rollout/search_failures"] == 0 for r in metrics), [r["rollout/search_failures"] for r in metrics]
+    assert any(0 < r["rollout/simulator_search_share"] < 1 for r in metrics[1:]), "both search services must answer"
+    last: dict[int, dict[str, Any]] = {}
+    for r in rows(tmp_path / "run" / "groups.jsonl"):
+        last[r["step"]] = r
+    assert sorted(last) == [1, 2, 3, 4]
+    tasks = [r["task_id"] for r in last.values()]
+    assert len(set(tasks)) == len(tasks), tasks
+    assert final.groups_unacked == 0, final
+    restored = log.read_text().count("(restarted?)")
+    stale = metrics[-1]["stream/stale_groups_total"]
+    print(f"weights loaded again into the restarted policy service: {restored} time(s); groups skipped: {stale:g}")

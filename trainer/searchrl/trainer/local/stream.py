@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +71,10 @@ class GroupFeed:
         consumer: this trainer's consumer name.
         run_id: names the tasks (``<run_id>:<batch>:<slot>``).
         curriculum_total_steps: the simulator curriculum's length, copied into each task.
+        on_foreign_version: awaited with the version of each group skipped for coming from weights outside the
+            lineage; the trainer passes :meth:`RemotePolicyBackend.restore_pinned`, which loads its newest weights
+            into the PolicyService again when the service no longer serves them (it restarted with its start-up
+            model), so that the workers' next groups can be trained.
     """
 
     def __init__(
@@ -82,8 +87,10 @@ class GroupFeed:
         consumer: str,
         run_id: str,
         curriculum_total_steps: int,
+        on_foreign_version: Callable[[str], Awaitable[Any]] | None = None,
     ) -> None:
         self.queue, self.config, self.examples, self.cursor = queue, config, examples, cursor
+        self.on_foreign_version = on_foreign_version
         self.consumer, self.run_id, self.total_steps = consumer, run_id, curriculum_total_steps
         self.fed_key = f"{queue.prefix}-fed-batches"
         self.fed = 0  # batches submitted
@@ -221,6 +228,8 @@ class GroupFeed:
                         bound + 1,
                         self.lineage,
                     )
+                    if self.on_foreign_version is not None:
+                        await self.on_foreign_version(g.policy_version)
                 else:
                     got.append((entry_id, g))
                     ages.append(step - (version_step(g.policy_version) or 0))

@@ -304,6 +304,8 @@ class LocalTrainer:
                 consumer=f"trainer-{cfg.output_path.name}",
                 run_id=cfg.output_path.name,
                 curriculum_total_steps=self.config.curriculum_total_steps,
+                # a PolicyService that restarted serves its start-up weights: load this run's newest into it again
+                on_foreign_version=self._generator.restore_pinned,
             )
             if self._feed_state is not None:
                 self.feed.load_state_dict(self._feed_state)
@@ -315,6 +317,7 @@ class LocalTrainer:
                 version, weights = self._version_name(self.step), self._save_live_weights()
                 self.feed.advance(version)
             await self._policy_client.load_weights(str(weights), policy_version=version, timeout_s=600)
+            self._generator.pinned = (version, str(weights))
             await self.feed.queue.set_policy_version(version)
         if cfg.logging.rollout_redis_url:
             from searchrl.services.rollouts.store import RolloutStore
@@ -497,11 +500,12 @@ class LocalTrainer:
             self._loop.run_until_complete(
                 self._policy_client.load_weights(str(weights), policy_version=version, timeout_s=600)
             )
+            # sync: every episode of the next step must come from these weights, even after a policy restart;
+            # async: groups from other weights are skipped, and the feed restores these if the service restarted
+            self._generator.pinned = (version, str(weights))
             if self.feed is not None:
                 self.feed.advance(version)
                 self._loop.run_until_complete(self.feed.queue.set_policy_version(version))
-            else:  # sync: every episode of the next step must come from these weights, even after a policy restart
-                self._generator.pinned = (version, str(weights))
             metrics["time/weight_sync_s"] = time.perf_counter() - t4
         self._loop.run_until_complete(self._publish(step, episodes, scores))
         metrics.update(stream)

@@ -64,7 +64,7 @@ class RemotePolicyBackend:
                 ) from exc
             if self.pinned is None or resp.policy_version == self.pinned[0]:
                 break
-            await self._reload(resp.policy_version)
+            await self.restore_pinned(resp.policy_version)
         else:
             raise FailedPrecondition(
                 f"PolicyService {self.client.target} serves {resp.policy_version!r}, not {self.pinned[0]!r}, "
@@ -79,17 +79,30 @@ class RemotePolicyBackend:
             policy_version=resp.policy_version,
         )
 
-    async def _reload(self, served: str) -> None:
-        """Loads :attr:`pinned` into the server again (once for all the calls that saw ``served`` at once)."""
-        assert self.pinned is not None
+    async def restore_pinned(self, served: str) -> bool:
+        """Loads :attr:`pinned` into the server again unless it already serves it (once for all the calls that saw
+        ``served`` at once). Also called by the async trainer when a group arrives from weights it never pushed.
+
+        Args:
+            served: the version a response or a rollout group reported (for the log line).
+
+        Returns:
+            Whether the weights were loaded (False: the server already serves :attr:`pinned`, or nothing is pinned).
+
+        Raises:
+            SearchRLError: ``GetModelInfo`` or ``LoadWeights`` failed (:func:`searchrl.errors.error_for_status`).
+        """
+        if self.pinned is None:
+            return False
         version, path = self.pinned
         async with self._reload_lock:
             info = await self.client.model_info()
             if info.policy_version == version:
-                return  # another call reloaded it meanwhile
+                return False  # another call reloaded it meanwhile, or ``served`` was an older group's version
             log.warning(
                 "PolicyService %s serves %r instead of %r (restarted?): loading %s again", self.client.target,
                 served, version, path,
             )  # fmt: skip
             await self.client.load_weights(path, policy_version=version, timeout_s=600)
             self.reloads += 1
+            return True
