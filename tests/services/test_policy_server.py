@@ -226,6 +226,11 @@ async def test_load_weights_only_from_the_checkpoint_roots(
                     await pc.load_weights(path, "evil")
                 assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (path, err.value.details())
                 assert "not a checkpoint directory" in (err.value.details() or "")
+            for path in ("\x00", str(root / "a\x00b"), "/etc/\x00"):  # found by the long fuzz run: INTERNAL before
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await pc.load_weights(path, "evil")
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (path, err.value.details())
+                assert "NUL character" in (err.value.details() or "")
             assert (await pc.model_info()).policy_version == before
     finally:
         await server.stop(0)

@@ -358,10 +358,13 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         Raises:
             PermissionDenied: the path lies outside every checkpoint root (whether or not it exists: the answer tells
                 nothing about the filesystem outside the roots).
-            InvalidRequest: empty path, or not a Hugging Face checkpoint directory (no ``config.json``).
+            InvalidRequest: empty path, a path with a NUL character (no filesystem path has one), or not a Hugging
+                Face checkpoint directory (no ``config.json``).
         """
         if not path:
             raise InvalidRequest("path is empty")
+        if "\x00" in path:  # os calls raise ValueError on it: found by the long fuzz run (INTERNAL before)
+            raise InvalidRequest(f"path contains a NUL character: {path!r}")
         resolved = Path(path).resolve()
         if not any(resolved.is_relative_to(root) for root in self.weights_roots):
             roots = ", ".join(str(r) for r in self.weights_roots) or "none configured"
