@@ -81,14 +81,14 @@ def shared_embeddings(request: pytest.FixtureRequest, tmp_path_factory: pytest.T
 
 @pytest.fixture(scope="session")
 def index_dirs(tmp_path_factory: pytest.TempPathFactory, wiki_slice, encoder, shared_embeddings) -> dict[str, Path]:  # noqa: ANN001
-    """Flat, HNSW and IVF-PQ index directories of the slice (one embedding pass for all three)."""
+    """Flat, HNSW, IVF-PQ and IVF-PQ + SQ8 re-ranking index directories of the slice (one embedding pass for all)."""
     from searchrl.retriever.index.build import build_index
     from searchrl.retriever.index.params import IndexParams
 
     corpus, _ = wiki_slice
     root = tmp_path_factory.mktemp("indexes")
     out = {}
-    for kind in ("flat", "hnsw", "ivfpq"):
+    for kind in ("flat", "hnsw", "ivfpq", "ivfpq_refine"):
         report = build_index(
             str(corpus),
             root / kind,

@@ -1,12 +1,19 @@
-"""``searchrl index build|eval|info``: build, evaluate and inspect FAISS indexes.
+"""``searchrl index build|convert|eval|info``: build, convert, evaluate and inspect FAISS indexes.
 
     searchrl index build --corpus wiki --index-type flat --out idx/wiki-flat
-    searchrl index build --corpus wiki-18.jsonl --model intfloat/e5-base-v2 --allow-download --index-type ivfpq --out idx/e5-ivfpq
+    searchrl index build --corpus wiki-18.jsonl --model intfloat/e5-base-v2 --allow-download --index-type ivfpq_refine --out idx/e5
+    searchrl index convert --flat-index e5_Flat.index --corpus wiki-18.jsonl --model intfloat/e5-base-v2 --out idx/e5
     searchrl index eval --index-dir idx/wiki-hnsw --queries fanoutqa --ef-search 16,64,128
+    searchrl index eval --index-dir idx/e5 --nprobe 32,64,128 --k-factor 4,8,16 --target-recall 0.95 --store
     searchrl index info --index-dir idx/wiki-flat
 
 ``eval`` reports recall@k of an approximate index against exact (Flat) search on held-out queries: the exact answer
-comes from the index's own embedding shards (or ``--reference`` DIR, a flat index of the same corpus).
+comes from the index's own embedding shards (or ``--reference`` DIR, a flat index of the same corpus). It sweeps the
+search parameters, prints each setting's recall and latency with the recall-latency frontier marked, and with
+``--store`` writes the fastest setting that reaches ``--target-recall`` into the manifest, as the served default.
+
+``convert`` turns a Search-R1/FlashRAG flat index (``e5_Flat.index``) into an index directory without re-embedding:
+it reads the vectors in chunks from a memory map of the flat file.
 
 ``build`` runs offline (``HF_HUB_OFFLINE=1``) unless ``--allow-download`` lets it fetch a model missing from the
 Hugging Face cache; either way the index directory stores the encoder in ``<out>/model/``, and ``eval`` and
@@ -19,10 +26,12 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from searchrl.errors import SearchRLError
+from searchrl.retriever.index.params import COARSE_TYPES, INDEX_TYPES, REFINE_TYPES
 
 
 def _ints(raw: str) -> list[int]:
@@ -70,11 +79,10 @@ def load_eval_queries(spec: str, limit: int, seed: int = 0) -> list[str]:
     return qs
 
 
-def cmd_build(args: argparse.Namespace) -> int:
-    from searchrl.retriever.index.build import build_index
+def _params(args: argparse.Namespace):  # noqa: ANN202 - IndexParams
     from searchrl.retriever.index.params import IndexParams
 
-    params = IndexParams(
+    return IndexParams(
         hnsw_m=args.hnsw_m,
         ef_construction=args.ef_construction,
         ef_search=args.ef_search,
@@ -82,7 +90,45 @@ def cmd_build(args: argparse.Namespace) -> int:
         pq_m=args.pq_m,
         pq_nbits=args.pq_nbits,
         nprobe=args.nprobe,
+        train_size=args.train_size,
+        k_factor=args.k_factor,
+        refine=args.refine,
+        coarse=args.coarse,
+        opq=args.opq,
     )
+
+
+def _print_report(report) -> None:  # noqa: ANN001 - BuildReport
+    m = report.manifest
+    print(
+        f"built {m.index_type} index of {m.size} passages ({m.embedding_model}, d={m.dimension}) in {report.seconds:.1f}s "
+        f"-> {report.index_dir} [{report.index_bytes / max(m.size, 1):.1f} bytes/passage; "
+        f"embedding shards: {report.shards_computed} computed, {report.shards_skipped} reused]"
+    )
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from searchrl.retriever.index.build import convert_flat_index
+
+    report = convert_flat_index(
+        args.flat_index,
+        args.corpus,
+        args.out,
+        model=args.model,
+        index_type=args.index_type,
+        params=_params(args),
+        chunk_size=args.chunk_size,
+        progress=not args.no_progress,
+        allow_download=args.allow_download,
+    )
+    _print_report(report)
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from searchrl.retriever.index.build import build_index
+
+    params = _params(args)
     report = build_index(
         args.corpus,
         args.out,
@@ -97,12 +143,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         torch_threads=args.torch_threads,
         allow_download=args.allow_download,
     )
-    m = report.manifest
-    print(
-        f"built {m.index_type} index of {m.size} passages ({m.embedding_model}, d={m.dimension}) in {report.seconds:.1f}s "
-        f"-> {report.index_dir} [{report.index_bytes / max(m.size, 1):.1f} bytes/passage; "
-        f"embedding shards: {report.shards_computed} computed, {report.shards_skipped} reused]"
-    )
+    _print_report(report)
     return 0
 
 
@@ -144,30 +185,100 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for arr in shards.iter_all():
             flat.add(arr)
         _, exact = flat.search(np.ascontiguousarray(vecs), kmax)
-    settings: list[tuple[str, int, int]] = []
     kind = approx.manifest.index_type
-    if kind == "ivfpq":
-        settings = [("nprobe", n, 0) for n in (args.nprobe or [approx.params.nprobe])]
-    elif kind == "hnsw":
-        settings = [("efSearch", 0, e) for e in (args.ef_search or [approx.params.ef_search])]
-    else:
-        settings = [("-", 0, 0)]
+    settings = _sweep(kind, args, approx.params)
     table = Table(title=f"recall vs exact search: {args.index_dir} ({kind}, {len(queries)} {args.queries} queries)")
     table.add_column("setting")
     for k in args.k:
         table.add_column(f"recall@{k}", justify="right")
+    table.add_column(f"ms/query (batch {args.batch})", justify="right")
+    table.add_column("frontier", justify="center")
     rows_out = []
-    for name, nprobe, ef in settings:
-        approx.set_search_params(nprobe=nprobe, ef_search=ef)
-        _, rows = approx.search_vectors(vecs, kmax)
+    for label, params in settings:
+        approx.set_search_params(**params)
+        approx.search_vectors(vecs[: args.batch], kmax)  # warm-up: page in the lists and re-ranking vectors touched
+        t0 = time.perf_counter()
+        parts = [approx.search_vectors(vecs[i : i + args.batch], kmax)[1] for i in range(0, len(vecs), args.batch)]
+        ms = 1000 * (time.perf_counter() - t0) / max(len(vecs), 1)
+        rows = np.concatenate(parts)
         recalls = [recall_at_k(rows, exact, k) for k in args.k]
-        label = f"{name}={nprobe or ef}" if name != "-" else "exact"
-        table.add_row(label, *[f"{r:.3f}" for r in recalls])
-        rows_out.append({"setting": label, **{f"recall@{k}": r for k, r in zip(args.k, recalls, strict=True)}})
+        rows_out.append(
+            {
+                "setting": label,
+                "params": params,
+                "ms_per_query": ms,
+                **{f"recall@{k}": r for k, r in zip(args.k, recalls, strict=True)},
+            }
+        )
+    key = f"recall@{args.target_k}" if f"recall@{args.target_k}" in rows_out[0] else f"recall@{args.k[0]}"
+    for r in rows_out:
+        r["frontier"] = not any(
+            o is not r
+            and o[key] >= r[key]
+            and o["ms_per_query"] <= r["ms_per_query"]
+            and (o[key] > r[key] or o["ms_per_query"] < r["ms_per_query"])
+            for o in rows_out
+        )
+    for r in sorted(rows_out, key=lambda r: r["ms_per_query"]):
+        table.add_row(
+            r["setting"],
+            *[f"{r[f'recall@{k}']:.3f}" for k in args.k],
+            f"{r['ms_per_query']:.2f}",
+            "*" if r["frontier"] else "",
+        )
     Console().print(table)
     if args.json:
         print(json.dumps(rows_out))
+    if args.target_recall > 0:
+        ok = [r for r in rows_out if r[key] >= args.target_recall]
+        if not ok:
+            print(f"no setting reaches {key} >= {args.target_recall}: widen the sweep", file=sys.stderr)
+            return 1
+        best = min(ok, key=lambda r: r["ms_per_query"])
+        print(
+            f"fastest setting with {key} >= {args.target_recall}: {best['setting']} ({best[key]:.3f}, {best['ms_per_query']:.2f} ms/query)"
+        )
+        if args.store:
+            _store_search_params(Path(args.index_dir), best, key, args, len(queries))
+            print(f"stored in {Path(args.index_dir) / 'manifest.json'} as the served default")
     return 0
+
+
+def _sweep(kind: str, args: argparse.Namespace, params) -> list[tuple[str, dict[str, int]]]:  # noqa: ANN001
+    """``(label, set_search_params kwargs)`` of every setting to evaluate for an index ``kind``."""
+    if kind == "ivfpq":
+        return [(f"nprobe={n}", {"nprobe": n}) for n in (args.nprobe or [params.nprobe])]
+    if kind == "ivfpq_refine":
+        return [
+            (f"nprobe={n} k_factor={f}", {"nprobe": n, "k_factor": f})
+            for n in (args.nprobe or [params.nprobe])
+            for f in (args.k_factor or [params.k_factor or 16])
+        ]
+    if kind == "hnsw":
+        return [(f"efSearch={e}", {"ef_search": e}) for e in (args.ef_search or [params.ef_search])]
+    return [("exact", {})]
+
+
+def _store_search_params(index_dir: Path, best: dict, key: str, args: argparse.Namespace, n_queries: int) -> None:
+    """Writes the chosen search parameters into the manifest's ``build_params`` (the served defaults) and records
+    how they were chosen under ``tuned``."""
+    from searchrl.retriever.index.params import MANIFEST_FILE, read_manifest
+
+    m = read_manifest(index_dir)
+    m.build_params.update(best["params"])
+    tuned = {
+        "target": f"{key} >= {args.target_recall}",
+        "recall": round(best[key], 4),
+        "ms_per_query": round(best["ms_per_query"], 3),
+        "batch": args.batch,
+        "queries": f"{n_queries} {args.queries}",
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    data = json.loads(m.model_dump_json())
+    data["tuned"] = tuned
+    tmp = index_dir / (MANIFEST_FILE + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, index_dir / MANIFEST_FILE)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -185,6 +296,22 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _index_param_args(p: argparse.ArgumentParser) -> None:
+    """The :class:`~searchrl.retriever.index.params.IndexParams` options of ``build`` and ``convert``."""
+    p.add_argument("--hnsw-m", type=int, default=32)
+    p.add_argument("--ef-construction", type=int, default=200)
+    p.add_argument("--ef-search", type=int, default=128)
+    p.add_argument("--nlist", type=int, default=0, help="IVF cells (0: auto)")
+    p.add_argument("--pq-m", type=int, default=0, help="PQ sub-quantizers (0: d/4, at most 96)")
+    p.add_argument("--pq-nbits", type=int, default=0, help="bits per PQ code (0: auto)")
+    p.add_argument("--nprobe", type=int, default=0, help="IVF cells per query stored as the default (0: auto)")
+    p.add_argument("--train-size", type=int, default=0, help="vectors sampled to train IVF (0: up to 262,144)")
+    p.add_argument("--k-factor", type=int, default=0, help="ivfpq_refine: candidates re-ranked per result (0: 16)")
+    p.add_argument("--refine", default="sq8", choices=list(REFINE_TYPES), help="ivfpq_refine: re-ranking vectors")
+    p.add_argument("--coarse", default="auto", choices=list(COARSE_TYPES), help="IVF coarse quantizer")
+    p.add_argument("--opq", action="store_true", help="ivfpq_refine: OPQ rotation before PQ")
+
+
 def parser() -> argparse.ArgumentParser:
     """The ``searchrl index`` argument parser."""
     p = argparse.ArgumentParser(prog="searchrl index", description="Build, evaluate and inspect FAISS indexes.")
@@ -199,7 +326,7 @@ def parser() -> argparse.ArgumentParser:
         help="let sentence-transformers download --model from the Hugging Face Hub when it is not in the local cache "
         "(default: offline); the index directory stores the model in OUT/model/ either way",
     )
-    b.add_argument("--index-type", default="flat", choices=["flat", "hnsw", "ivfpq"])
+    b.add_argument("--index-type", default="flat", choices=list(INDEX_TYPES))
     b.add_argument("--out", required=True, help="index directory to write")
     b.add_argument("--limit", type=int, default=None, help="use only the first N passages")
     b.add_argument("--shard-size", type=int, default=4096, help="passages per embedding shard")
@@ -207,16 +334,22 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--embeddings-dir", default="", help="shard folder to reuse across index types (default OUT/embeddings)"
     )
-    b.add_argument("--hnsw-m", type=int, default=32)
-    b.add_argument("--ef-construction", type=int, default=200)
-    b.add_argument("--ef-search", type=int, default=128)
-    b.add_argument("--nlist", type=int, default=0, help="IVF cells (0: auto)")
-    b.add_argument("--pq-m", type=int, default=0, help="PQ sub-quantizers (0: d/8)")
-    b.add_argument("--pq-nbits", type=int, default=0, help="bits per PQ code (0: auto)")
-    b.add_argument("--nprobe", type=int, default=0, help="IVF cells per query stored as the default (0: auto)")
+    _index_param_args(b)
     b.add_argument("--torch-threads", type=int, default=0)
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(fn=cmd_build)
+
+    c = sub.add_parser("convert", help="build an index directory from a flat FAISS index file, without re-embedding")
+    c.add_argument("--flat-index", required=True, help="a flat inner-product index file (Search-R1's e5_Flat.index)")
+    c.add_argument("--corpus", required=True, help="its FlashRAG/Search-R1 jsonl corpus (row i = vector i)")
+    c.add_argument("--model", required=True, help="the model the vectors were embedded with (intfloat/e5-base-v2)")
+    c.add_argument("--allow-download", action="store_true", help="let sentence-transformers download --model")
+    c.add_argument("--index-type", default="ivfpq_refine", choices=list(INDEX_TYPES))
+    c.add_argument("--out", required=True, help="index directory to write")
+    c.add_argument("--chunk-size", type=int, default=65_536, help="vectors read from the flat file at a time")
+    _index_param_args(c)
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(fn=cmd_convert)
 
     e = sub.add_parser("eval", help="recall@k of an approximate index against exact search")
     e.add_argument("--index-dir", required=True)
@@ -226,6 +359,11 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--k", type=_ints, default=[1, 5, 10], help="comma-separated k values")
     e.add_argument("--nprobe", type=_ints, default=[], help="comma-separated nprobe values to sweep (IVF-PQ)")
     e.add_argument("--ef-search", type=_ints, default=[], help="comma-separated efSearch values to sweep (HNSW)")
+    e.add_argument("--k-factor", type=_ints, default=[], help="comma-separated k_factor values to sweep (ivfpq_refine)")
+    e.add_argument("--batch", type=int, default=32, help="queries per search call when timing")
+    e.add_argument("--target-k", type=int, default=5, help="the k of the recall that --target-recall applies to")
+    e.add_argument("--target-recall", type=float, default=0.0, help="report the fastest setting reaching this recall")
+    e.add_argument("--store", action="store_true", help="write that setting into the manifest (served default)")
     e.add_argument("--torch-threads", type=int, default=0)
     e.add_argument("--faiss-threads", type=int, default=0)
     e.add_argument("--json", action="store_true", help="also print the rows as JSON")

@@ -159,27 +159,131 @@ def embed_store(
     return shards, len(todo), skipped
 
 
-def build_from_shards(shards: ShardSet, index_type: str, params: IndexParams, seed: int = 1234) -> Any:
-    """A FAISS index over every vector of ``shards`` (IVF-PQ is trained on a random sample first)."""
-    p = params.resolved(shards.size, shards.dimension)
+class FlatIndexVectors:
+    """The vectors of a flat FAISS index file (Search-R1's ``e5_Flat.index``), read in chunks from a memory map.
+
+    The file is opened with ``IO_FLAG_MMAP_IFC``, so a 65 GB index is never loaded: :meth:`iter_chunks` and
+    :meth:`take` read only the rows asked for (``reconstruct_n`` / ``reconstruct_batch``).
+
+    Raises:
+        FailedPrecondition: the file is missing, unreadable, or not a flat (``IndexFlat``) index.
+    """
+
+    def __init__(self, path: str | Path, chunk_size: int = 65_536) -> None:
+        from searchrl.errors import FailedPrecondition
+
+        faiss = load_faiss()
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FailedPrecondition(f"flat index file {path} does not exist")
+        try:
+            index = faiss.read_index(str(self.path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+        except RuntimeError as exc:
+            raise FailedPrecondition(f"{path} is not a readable FAISS index: {str(exc).splitlines()[0]}") from None
+        if not isinstance(index, faiss.IndexFlat):
+            raise FailedPrecondition(f"{path} is a {type(index).__name__}, not a flat index (IndexFlatIP/IndexFlatL2)")
+        self.index = index
+        self.size = int(index.ntotal)
+        self.dimension = int(index.d)
+        self.chunk_size = chunk_size
+        self.metric_type = int(index.metric_type)
+
+    def iter_chunks(self) -> Iterator[np.ndarray]:
+        """Consecutive ``(<= chunk_size, d)`` float32 blocks, in row order."""
+        for lo in range(0, self.size, self.chunk_size):
+            yield self.index.reconstruct_n(lo, min(self.chunk_size, self.size - lo))
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """The vectors of ``rows`` (int64), ``(len(rows), d)`` float32."""
+        return self.index.reconstruct_batch(np.ascontiguousarray(rows, dtype=np.int64))
+
+
+def _sample(vectors: ShardSet | FlatIndexVectors, n_train: int, seed: int) -> np.ndarray:
+    """``n_train`` distinct rows of ``vectors``, drawn uniformly with ``seed``, ``(n_train, d)`` float32."""
+    pick = np.sort(np.random.default_rng(seed).choice(vectors.size, size=n_train, replace=False))
+    if isinstance(vectors, FlatIndexVectors):
+        return vectors.take(pick)
+    train = np.empty((n_train, vectors.dimension), dtype=np.float32)
+    filled = 0
+    for i in range(vectors.num_shards):
+        lo, hi = i * vectors.shard_size, i * vectors.shard_size + vectors.shard_rows(i)
+        sel = pick[(pick >= lo) & (pick < hi)] - lo
+        if len(sel):
+            train[filled : filled + len(sel)] = np.load(vectors.shard_path(i), mmap_mode="r")[sel]
+            filled += len(sel)
+    return train
+
+
+def _chunks(vectors: ShardSet | FlatIndexVectors) -> Iterator[np.ndarray]:
+    return vectors.iter_chunks() if isinstance(vectors, FlatIndexVectors) else vectors.iter_all()
+
+
+def build_from_shards(
+    shards: ShardSet | FlatIndexVectors,
+    index_type: str,
+    params: IndexParams,
+    seed: int = 1234,
+    trained_cache: Path | None = None,
+    progress: bool = False,
+) -> Any:
+    """A FAISS index over every vector of ``shards``, added one shard (or chunk) at a time.
+
+    IVF indexes are trained on a uniform sample of ``params.train_size`` vectors first. With ``trained_cache`` (a
+    file path), the trained, still empty index is written there before vectors are added and read back by a rerun
+    with the same parameters and vectors, so a build killed while adding does not train again.
+
+    Args:
+        shards: embedding shards, or the vectors of a flat index file (:class:`FlatIndexVectors`).
+        index_type: one of ``INDEX_TYPES``.
+        params: index parameters (auto fields are resolved here).
+        seed: training sample seed.
+        trained_cache: where to keep the trained empty index (IVF types only).
+        progress: a rich progress bar with rate and ETA while adding.
+
+    Returns:
+        The populated FAISS index.
+    """
+    faiss = load_faiss()
+    p = params.resolved(shards.size, shards.dimension, index_type)
     index = make_index(index_type, shards.dimension, p)
-    if index_type == "ivfpq":
-        rng = np.random.default_rng(seed)
+    if index_type in ("ivfpq", "ivfpq_refine"):
         n_train = min(p.train_size, shards.size)
-        pick = np.sort(rng.choice(shards.size, size=n_train, replace=False))
-        train = np.empty((n_train, shards.dimension), dtype=np.float32)
-        filled = 0
-        for i in range(shards.num_shards):
-            lo, hi = i * shards.shard_size, i * shards.shard_size + shards.shard_rows(i)
-            sel = pick[(pick >= lo) & (pick < hi)] - lo
-            if len(sel):
-                train[filled : filled + len(sel)] = np.load(shards.shard_path(i), mmap_mode="r")[sel]
-                filled += len(sel)
-        fit_training(index, n_train, p)
-        index.train(train)
-    for arr in shards.iter_all():
-        index.add(arr)
+        cached = None
+        if trained_cache is not None and trained_cache.exists():
+            with contextlib.suppress(RuntimeError):
+                cached = faiss.read_index(str(trained_cache))
+        if cached is not None and cached.is_trained and cached.ntotal == 0 and cached.d == shards.dimension:
+            log.info("reusing the trained quantizer in %s", trained_cache)
+            index = cached
+        else:
+            t0 = time.perf_counter()
+            fit_training(index, n_train, p)
+            index.train(_sample(shards, n_train, seed))
+            log.info("trained %s on %d vectors in %.1fs", index_type, n_train, time.perf_counter() - t0)
+            if trained_cache is not None:
+                tmp = trained_cache.with_suffix(".tmp")
+                faiss.write_index(index, str(tmp))
+                os.replace(tmp, trained_cache)
+    bar_ctx: Any = contextlib.nullcontext(None)
+    if progress:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar_ctx = Progress(TextColumn("adding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with bar_ctx as bar:
+        task = bar.add_task("add", total=shards.size) if bar else None
+        for arr in _chunks(shards):
+            index.add(arr)
+            if bar is not None:
+                bar.advance(task, len(arr))
     return index
+
+
+def trained_cache_path(out: Path, index_type: str, p: IndexParams, vectors_id: str, seed: int = 1234) -> Path:
+    """``out/trained-<key>.faiss``: the key hashes the factory, training size, seed and the vectors' identity."""
+    import hashlib
+
+    key = json.dumps([index_type, asdict(p), vectors_id, seed], sort_keys=True)
+    return out / f"trained-{hashlib.sha256(key.encode()).hexdigest()[:16]}.faiss"
 
 
 @dataclass
@@ -291,25 +395,62 @@ def build_index(
         raise InvalidRequest(f"encoder {encoder.name!r} is not the requested model {model!r}")
     emb_dir = Path(embeddings_dir) if embeddings_dir else out / "embeddings"
     shards, computed, skipped = embed_store(store, encoder, emb_dir, shard_size, batch_size, progress)
-    p = (params or IndexParams()).resolved(store.size, encoder.dimension)
-    index = build_from_shards(shards, index_type, p)
+    p = (params or IndexParams()).resolved(store.size, encoder.dimension, index_type)
+    return _finish_build(
+        out,
+        shards,
+        index_type,
+        p,
+        store,
+        encoder,
+        model,
+        t0,
+        progress,
+        corpus=str(corpus) if corpus == "wiki" else str(Path(corpus).resolve()),
+        vectors_id=f"shards:{encoder.name}:{store.checksum}",
+        extra={"limit": limit, "shard_size": shard_size},
+        counts=(computed, skipped),
+    )
+
+
+def _finish_build(
+    out: Path,
+    vectors: ShardSet | FlatIndexVectors,
+    index_type: str,
+    p: IndexParams,
+    store: PassageStore,
+    encoder: Encoder,
+    model: str,
+    t0: float,
+    progress: bool,
+    corpus: str,
+    vectors_id: str,
+    extra: dict[str, Any],
+    counts: tuple[int, int] = (0, 0),
+) -> BuildReport:
+    """Builds the FAISS index of ``vectors`` and writes it, the encoder and the manifest into ``out`` (atomically)."""
+    cache = trained_cache_path(out, index_type, p, vectors_id) if index_type in ("ivfpq", "ivfpq_refine") else None
+    index = build_from_shards(vectors, index_type, p, trained_cache=cache, progress=progress)
     faiss = load_faiss()
     tmp = out / (INDEX_FILE + ".tmp")
     faiss.write_index(index, str(tmp))
     os.replace(tmp, out / INDEX_FILE)
+    for stale in out.glob("trained-*.faiss"):
+        stale.unlink()
     encoder.save(out / ENCODER_DIR)
     seconds = time.perf_counter() - t0
+    build_params = {**asdict(p), **extra}
+    if index_type == "ivfpq_refine":
+        build_params["factory"] = p.factory(index_type)
     manifest = IndexManifest(
         embedding_model=encoder.name,
         dimension=encoder.dimension,
         size=store.size,
         index_type=index_type,
         corpus_checksum=store.checksum,
-        corpus=str(corpus) if corpus == "wiki" else str(Path(corpus).resolve()),
+        corpus=corpus,
         build_params={
-            **asdict(p),
-            "limit": limit,
-            "shard_size": shard_size,
+            **build_params,
             "query_prefix": encoder.prefixes.query,
             "passage_prefix": encoder.prefixes.passage,
         },
@@ -321,7 +462,70 @@ def build_index(
     )
     (out / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2))
     store.close()
-    return BuildReport(out, manifest, computed, skipped, seconds, index_bytes=os.path.getsize(out / INDEX_FILE))
+    return BuildReport(out, manifest, counts[0], counts[1], seconds, index_bytes=os.path.getsize(out / INDEX_FILE))
+
+
+def convert_flat_index(
+    flat_index: str | Path,
+    corpus: str | Path,
+    out_dir: str | Path,
+    model: str,
+    index_type: str = "ivfpq_refine",
+    params: IndexParams | None = None,
+    encoder: Encoder | None = None,
+    chunk_size: int = 65_536,
+    progress: bool = True,
+    allow_download: bool = False,
+) -> BuildReport:
+    """Builds an index directory from an existing flat FAISS index and its corpus, without embedding anything.
+
+    For a Search-R1 user: ``e5_Flat.index`` + ``wiki-18.jsonl`` + ``intfloat/e5-base-v2`` become an ``ivfpq_refine``
+    (or any other type) directory that ``searchrl serve retriever --index-dir`` serves, Search-R1 HTTP API included.
+    Row ``i`` of the corpus is vector ``i`` of the flat index (as Search-R1's server assumes). The vectors are read in
+    ``chunk_size`` blocks from a memory map of the flat file; a rerun after a crash reuses the passage store and the
+    trained quantizer.
+
+    Raises:
+        InvalidRequest: unknown index type, corpus not a file.
+        FailedPrecondition: unreadable or non-flat index, an L2 index, corpus size or model dimension that differs
+            from the index's.
+    """
+    from searchrl.errors import FailedPrecondition
+
+    if index_type not in INDEX_TYPES:
+        raise InvalidRequest(f"unknown index type {index_type!r}: expected one of {', '.join(INDEX_TYPES)}")
+    t0 = time.perf_counter()
+    vectors = FlatIndexVectors(flat_index, chunk_size)
+    faiss = load_faiss()
+    if vectors.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise FailedPrecondition(f"{flat_index} is an L2 index; searchrl's indexes are inner product (cosine)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    store = _cached_store(out / "store", _source_id(str(corpus)), None, lambda: iter_jsonl(corpus), progress)
+    if store.size != vectors.size:
+        raise FailedPrecondition(f"{flat_index} holds {vectors.size} vectors but {corpus} has {store.size} passages")
+    if encoder is None:
+        encoder = Encoder(model, allow_download=allow_download)
+    if encoder.dimension != vectors.dimension:
+        raise FailedPrecondition(
+            f"{flat_index} has dimension {vectors.dimension}; model {model!r} embeds in {encoder.dimension}"
+        )
+    p = (params or IndexParams()).resolved(vectors.size, vectors.dimension, index_type)
+    src = vectors.path.resolve()
+    return _finish_build(
+        out,
+        vectors,
+        index_type,
+        p,
+        store,
+        encoder,
+        model,
+        t0,
+        progress,
+        corpus=str(Path(corpus).resolve()),
+        vectors_id=f"flat:{src}:{src.stat().st_size}:{int(src.stat().st_mtime)}",
+        extra={"converted_from": str(src), "chunk_size": chunk_size},
+    )
 
 
 def store_for_jsonl(corpus_path: str | Path, progress: bool = True) -> PassageStore:

@@ -8,8 +8,14 @@ Index types (inner product on unit vectors = cosine):
 * ``ivfpq``: ``IndexIVFPQ`` (Jegou et al., "Product quantization for nearest neighbor search", TPAMI 2011): a coarse
   k-means of ``nlist`` cells, residuals coded with ``m`` sub-quantizers of ``nbits`` bits; ``m nbits / 8 + 8`` bytes
   per passage (the 8 is the stored id), the option that fits 21M passages in a few GB.
+* ``ivfpq_refine``: ``IndexRefine`` (FAISS's two-stage search): an IVF-PQ (optionally OPQ-rotated, with an HNSW
+  coarse quantizer for tens of thousands of cells) proposes ``k_factor * k`` candidates, which are re-ranked with
+  8-bit scalar-quantized (or float16 / float32) vectors. The re-ranking vectors stay in the index file and are
+  memory-mapped when served (``IO_FLAG_MMAP_IFC``), so resident memory is the PQ codes (``m + 8`` bytes per passage)
+  plus the centroids, while recall comes back to that of the re-ranking vectors (near exact for SQ8).
 
-GPU (faiss-gpu present and ``faiss.get_num_gpus() > 0``): flat and IVF-PQ are cloned to every GPU with
+GPU (faiss-gpu present and ``faiss.get_num_gpus() > 0``): flat and IVF-PQ (also the IVF-PQ stage of
+``ivfpq_refine``, whose re-ranking stays on the host's memory map: faiss-gpu has no ``IndexRefine``) are cloned to every GPU with
 ``index_cpu_to_all_gpus`` in float16 and sharded (``GpuMultipleClonerOptions.shard = True``), as Search-R1 does for
 its flat index; HNSW has no GPU implementation and stays on CPU. Before cloning, IVF ``nprobe`` is clamped to
 faiss-gpu's limit of 2048 (:data:`~searchrl.retriever.gpu.GPU_MAX_NPROBE`) and GPUs the installed faiss has no code
@@ -81,18 +87,31 @@ def make_index(index_type: str, d: int, params: IndexParams) -> Any:
         idx = faiss.IndexIVFPQ(quantizer, d, params.nlist, params.pq_m, params.pq_nbits, faiss.METRIC_INNER_PRODUCT)
         idx.nprobe = params.nprobe  # faiss's Python layer keeps ``quantizer`` referenced by ``idx``
         return idx
+    if index_type == "ivfpq_refine":
+        idx = faiss.index_factory(d, params.factory(index_type), faiss.METRIC_INNER_PRODUCT)
+        faiss.extract_index_ivf(idx).nprobe = params.nprobe
+        idx.k_factor = float(params.k_factor)
+        return idx
     raise InvalidRequest(f"unknown index type {index_type!r}: expected one of {', '.join(INDEX_TYPES)}")
 
 
 def fit_training(index: Any, n_train: int, p: IndexParams) -> None:
-    """Lets k-means run with fewer than 39 points per centroid on small corpora (instead of warning per centroid)."""
-    index.cp.min_points_per_centroid = int(min(39, max(1, n_train // max(p.nlist, 1))))
-    index.pq.cp.min_points_per_centroid = int(min(39, max(1, n_train // (1 << p.pq_nbits))))
+    """Lets k-means run with fewer than 39 points per centroid on small corpora (instead of warning per centroid).
+
+    ``index`` is an ``IndexIVFPQ`` or an index holding one (``IndexRefine``, ``IndexPreTransform``).
+    """
+    faiss = load_faiss()
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    ivf.cp.min_points_per_centroid = int(min(39, max(1, n_train // max(p.nlist, 1))))
+    ivf.pq.cp.min_points_per_centroid = int(min(39, max(1, n_train // (1 << p.pq_nbits))))
 
 
 def index_type_of(index: Any) -> str:
-    """``"flat"``, ``"hnsw"``, ``"ivfpq"`` (or the FAISS class name, lower-cased) of a loaded CPU index."""
+    """``"flat"``, ``"hnsw"``, ``"ivfpq"``, ``"ivfpq_refine"`` (or the FAISS class name, lower-cased) of a loaded CPU
+    index."""
     faiss = load_faiss()
+    if isinstance(index, faiss.IndexRefine):
+        return "ivfpq_refine"
     if isinstance(index, faiss.IndexFlat):
         return "flat"
     if isinstance(index, faiss.IndexHNSW):
@@ -130,8 +149,17 @@ def set_blas_min_batch(min_batch: int, d: int) -> int:
 
 
 def set_search_param(index: Any, name: str, value: int, on_gpu: bool) -> None:
-    """Sets a FAISS search parameter (``nprobe``, ``efSearch``) where it applies to the index type."""
+    """Sets a FAISS search parameter (``nprobe``, ``efSearch``, ``k_factor``) where it applies to the index type.
+
+    On an ``IndexRefine``, ``k_factor`` is its own and the others go to its first stage (which may be a GPU clone).
+    """
     faiss = load_faiss()
+    if isinstance(index, faiss.IndexRefine):
+        if name == "k_factor":
+            index.k_factor = float(value)
+        else:
+            set_search_param(faiss.downcast_index(index.base_index), name, value, on_gpu)
+        return
     space = faiss.GpuParameterSpace() if on_gpu else faiss.ParameterSpace()
     with contextlib.suppress(RuntimeError):  # parameter does not apply to this index type
         space.set_index_parameter(index, name, value)
@@ -170,7 +198,8 @@ def prepare_for_gpu(index: Any, name: str = "") -> int | None:
 def to_gpu(index: Any, name: str = "") -> tuple[Any, bool]:
     """Clones ``index`` to all GPUs (float16, sharded) when faiss-gpu sees a GPU; returns ``(index, on_gpu)``.
 
-    HNSW indexes, and hosts without GPUs, keep the CPU index. Before cloning, :func:`prepare_for_gpu` clamps IVF
+    HNSW indexes, and hosts without GPUs, keep the CPU index. Of an ``IndexRefine`` only the first stage is cloned
+    and a host-side ``IndexRefine`` over the clone and the (memory-mapped) re-ranking vectors is returned. Before cloning, :func:`prepare_for_gpu` clamps IVF
     ``nprobe`` to 2048. A clone that faiss rejects with an exception (e.g. IVF-PQ codes of other than 8 bits) keeps
     the CPU index, with its original ``nprobe``, and logs a warning.
 
@@ -186,11 +215,21 @@ def to_gpu(index: Any, name: str = "") -> tuple[Any, bool]:
     if isinstance(index, faiss.IndexHNSW):
         log.info("HNSW has no FAISS GPU implementation; keeping it on CPU")
         return index, False
+    if isinstance(index, faiss.IndexRefine):
+        base, on_gpu = to_gpu(faiss.downcast_index(index.base_index), name)
+        if not on_gpu:
+            return index, False
+        refined = faiss.IndexRefine(base, index.refine_index)
+        refined.k_factor = index.k_factor
+        refined.referenced_objects = [base, index]  # the wrapper owns neither; keep both alive with it
+        return refined, True
     gpu_checks.check_faiss_gpu_code(gpu_checks.faiss_cuda_archs(), gpu_checks.cuda_devices())
     original_nprobe = prepare_for_gpu(index, name)
     co = faiss.GpuMultipleClonerOptions()
     co.useFloat16 = True  # float16 vectors (flat) / lookup tables (IVF-PQ): half the GPU memory
     co.shard = True  # split the vectors over the GPUs instead of replicating them
+    if hasattr(co, "allowCpuCoarseQuantizer"):
+        co.allowCpuCoarseQuantizer = True  # an HNSW coarse quantizer has no GPU clone: it assigns on the host
     try:
         gpu_index = faiss.index_cpu_to_all_gpus(index, co=co)
     except RuntimeError as exc:  # e.g. IVF-PQ codes of other than 8 bits have no GPU kernel

@@ -36,6 +36,7 @@ class LoadOptions:
         use_gpu: ``None`` = GPU when available, ``False`` = CPU.
         nprobe: IVF cells per query (0: the manifest's build-time value; FAISS's stored value for a raw index).
         ef_search: HNSW ``efSearch`` (0: the manifest's value; FAISS's stored value for a raw index).
+        k_factor: ``ivfpq_refine`` candidates re-ranked per result (0: the manifest's value).
         mmap: map the index file instead of reading it (flat/IVF; saves RAM when several processes share a host).
         torch_threads: torch intra-op threads of a new encoder.
         query_dtype: query encoding dtype of a new encoder (:func:`~searchrl.retriever.embed.resolve_query_dtype`).
@@ -46,6 +47,7 @@ class LoadOptions:
     use_gpu: bool | None = None
     nprobe: int = 0
     ef_search: int = 0
+    k_factor: int = 0
     mmap: bool = False
     torch_threads: int = 0
     query_dtype: str = "auto"
@@ -110,8 +112,8 @@ class LoadedIndex:
         """Cache version: the corpus checksum, model and index type (a rebuilt index never serves stale entries)."""
         return f"{self.manifest.corpus_checksum[:16]}:{self.manifest.embedding_model}:{self.manifest.index_type}"
 
-    def set_search_params(self, nprobe: int = 0, ef_search: int = 0) -> None:
-        """Sets IVF ``nprobe`` / HNSW ``efSearch`` (0 keeps the current value).
+    def set_search_params(self, nprobe: int = 0, ef_search: int = 0, k_factor: int = 0) -> None:
+        """Sets IVF ``nprobe`` / HNSW ``efSearch`` / ``IndexRefine`` ``k_factor`` (0 keeps the current value).
 
         On a GPU index ``nprobe`` is clamped to 2048 and to ``nlist`` first
         (:func:`~searchrl.retriever.gpu.clamp_nprobe`, warning logged): faiss-gpu's ``GpuParameterSpace`` stores any
@@ -126,6 +128,8 @@ class LoadedIndex:
                 INDEX_NPROBE.labels(self.name).set(nprobe)
         if ef_search > 0:
             set_search_param(self.index, "efSearch", ef_search, self.on_gpu)
+        if k_factor > 0:
+            set_search_param(self.index, "k_factor", k_factor, self.on_gpu)
 
     def search_vectors(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` rows for query vectors.
@@ -151,12 +155,16 @@ class LoadedIndex:
         self.store.close()
 
 
-def _read_faiss(path: Path, mmap: bool) -> Any:
+def _read_faiss(path: Path, mmap: bool, mmap_codes: bool = False) -> Any:
+    """Reads a FAISS index file; ``mmap`` maps IVF inverted lists, ``mmap_codes`` maps flat/SQ code arrays
+    (``IO_FLAG_MMAP_IFC``: the re-ranking vectors of an ``IndexRefine`` stay on disk, paged in on use)."""
     faiss = load_faiss()
     if not path.exists():
         raise FailedPrecondition(f"index file {path} does not exist")
     try:
         flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+        if mmap_codes:
+            flags |= faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
         return faiss.read_index(str(path), flags)
     except RuntimeError as exc:
         first = next(
@@ -205,7 +213,7 @@ def load_index(
         raise FailedPrecondition(
             f"{d}: passage store checksum {store.checksum[:12]} differs from the manifest's {manifest.corpus_checksum[:12]}"
         )
-    index = _read_faiss(d / manifest.index_file, opts.mmap)
+    index = _read_faiss(d / manifest.index_file, opts.mmap, mmap_codes=manifest.index_type == "ivfpq_refine")
     if int(index.d) != manifest.dimension:
         raise FailedPrecondition(f"{d}: index dimension {index.d} differs from the manifest's {manifest.dimension}")
     if int(index.ntotal) != store.size or store.size != manifest.size:
@@ -221,7 +229,12 @@ def load_index(
     )
     _check_dimension(index, encoder, str(d))
     params = IndexParams(**{k: v for k, v in manifest.build_params.items() if k in IndexParams.__dataclass_fields__})
-    opts = dataclasses.replace(opts, nprobe=opts.nprobe or params.nprobe, ef_search=opts.ef_search or params.ef_search)
+    opts = dataclasses.replace(
+        opts,
+        nprobe=opts.nprobe or params.nprobe,
+        ef_search=opts.ef_search or params.ef_search,
+        k_factor=opts.k_factor or params.k_factor,
+    )
     return _finish_load(index, store, encoder, manifest, opts, params, name=d.resolve().name)
 
 
@@ -245,7 +258,7 @@ def _finish_load(
     record_index_device(name, on_gpu)
     if nlist > 0:
         INDEX_NPROBE.labels(name).set(current)
-    loaded.set_search_params(opts.nprobe, opts.ef_search)
+    loaded.set_search_params(opts.nprobe, opts.ef_search, opts.k_factor)
     return loaded
 
 
